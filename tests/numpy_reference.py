@@ -1,0 +1,43 @@
+"""Independent NumPy versions of the paper's equations, written from the paper, not from the library."""
+
+import numpy as np
+
+
+def softmax(x, axis=-1):
+    x = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def attention(Q, K, V, mask=None):
+    """Q [q, d_k], K [k, d_k], V [k, d_v], mask [q, k] bool -> [q, d_v]."""
+    scores = Q @ K.T / np.sqrt(Q.shape[-1])
+    if mask is not None:
+        scores = np.where(mask, scores, -1e30)
+    return softmax(scores) @ V
+
+
+def multi_head(Xq, Xkv, Wq, Wk, Wv, Wo, mask=None):
+    """Xq [q, m], Xkv [k, m]; Wq/Wk/Wv [m, h, d]; Wo [h, d, m]. Concat(head_1..head_h)·W^O."""
+    h = Wq.shape[1]
+    heads = [attention(Xq @ Wq[:, i], Xkv @ Wk[:, i], Xkv @ Wv[:, i], mask) for i in range(h)]
+    return np.concatenate(heads, axis=-1) @ Wo.reshape(-1, Wo.shape[-1])
+
+
+def ffn(x, W1, b1, W2, b2):
+    return np.maximum(0, x @ W1 + b1) @ W2 + b2
+
+
+def layer_norm(x, scale, bias, eps=1e-6):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * scale + bias
+
+
+def positional_encoding(length, d_model):
+    pe = np.zeros((length, d_model))
+    for pos in range(length):
+        for i in range(d_model // 2):
+            pe[pos, 2 * i] = np.sin(pos / 10000 ** (2 * i / d_model))
+            pe[pos, 2 * i + 1] = np.cos(pos / 10000 ** (2 * i / d_model))
+    return pe

@@ -1,0 +1,81 @@
+"""§3.4 Embeddings and softmax, §3.5 positional encoding."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from transformer.config import TransformerConfig
+
+
+def sinusoidal_positional_encoding(positions: Int[Array, "*batch l"], d_model: int) -> Float[Array, "*batch l m"]:
+    """§3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model)).
+
+    Interleaved exactly as written: even feature 2i holds the sine and odd feature 2i+1 the cosine of
+    the same frequency. `positions` are explicit so that packed rows can restart at 0 per example.
+    """
+    two_i = jnp.arange(0, d_model, 2, dtype=jnp.float32)  # 2i = 0, 2, 4, …
+    denominators = jnp.power(10000.0, two_i / d_model).reshape((1,) * positions.ndim + (-1,))
+    angles = positions[..., None].astype(jnp.float32) / denominators
+    pe = jnp.zeros((*positions.shape, d_model), jnp.float32)
+    pe = pe.at[..., 0::2].set(jnp.sin(angles))
+    return pe.at[..., 1::2].set(jnp.cos(angles[..., : d_model // 2]))
+
+
+class TokenEmbedding(nnx.Module):
+    """§3.4: learned embeddings, multiplied by √d_model, whose matrix can also serve as the
+    pre-softmax linear transformation (`logits`)."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        # Not stated in the paper: N(0, d_model^-1/2) so that the √d_model-scaled embeddings have
+        # unit variance, as in the paper's reference code.
+        init = jax.nn.initializers.normal(stddev=config.d_model**-0.5)
+        self.embedding = nnx.Param(init(rngs.params(), (config.vocab_size, config.d_model), jnp.float32))
+
+    def __call__(self, tokens: Int[Array, "b l"]) -> Float[Array, "b l m"]:
+        """E[tokens]·√d_model."""
+        table = self.embedding[...].astype(self.config.compute_dtype)
+        return jnp.take(table, tokens, axis=0) * math.sqrt(self.config.d_model)
+
+    def logits(self, x: Float[Array, "b l m"]) -> Float[Array, "b l v"]:
+        """The pre-softmax linear transformation with the same matrix: x·Eᵀ."""
+        dtype = self.config.compute_dtype
+        return jnp.einsum("blm,vm->blv", x.astype(dtype), self.embedding[...].astype(dtype))
+
+
+class InputEmbedding(nnx.Module):
+    """§3.4–3.5 and §5.4: Dropout(E[tokens]·√d_model + PE(positions)).
+
+    PE is the sinusoid of §3.5, or, as the option the paper compared in Table 3 (E), a learned
+    position table of `max_len` rows.
+    """
+
+    def __init__(self, config: TransformerConfig, token_embedding: TokenEmbedding, *, rngs: nnx.Rngs):
+        self.config = config
+        self.token_embedding = token_embedding
+        if config.positional_encoding == "learned":
+            init = jax.nn.initializers.normal(stddev=config.d_model**-0.5)
+            self.position_embedding = nnx.Param(init(rngs.params(), (config.max_len, config.d_model), jnp.float32))
+        self.dropout = nnx.Dropout(config.dropout_rate)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "b l"],
+        positions: Int[Array, "b l"] | None = None,
+        *,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> Float[Array, "b l m"]:
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if self.config.positional_encoding == "learned":
+            pe = jnp.take(self.position_embedding[...], positions, axis=0)
+        else:
+            pe = sinusoidal_positional_encoding(positions, self.config.d_model)
+        x = self.token_embedding(tokens) + pe.astype(self.config.compute_dtype)
+        return self.dropout(x, deterministic=deterministic, rngs=rngs)

@@ -1,0 +1,196 @@
+"""§3.1 Encoder and decoder stacks: the layers and their residual connections."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float
+
+from transformer.attention import MultiHeadAttention
+from transformer.config import TransformerConfig
+from transformer.feed_forward import PositionwiseFeedForward
+
+# Incremental decoding state of one decoder layer: self-attention keys/values written so far
+# ("k", "v": [batch, max_len, h, d]) and, for encoder-decoder layers, the keys/values of the
+# encoder output computed once per source ("cross_k", "cross_v": [batch, src_len, h, d]).
+LayerCache = dict[str, jax.Array]
+
+
+class ResidualSublayer(nnx.Module):
+    """§3.1 + §5.4: LayerNorm(x + Dropout(Sublayer(x))) — the paper's post-LN residual.
+
+    With norm_position="pre" it computes x + Dropout(Sublayer(LayerNorm(x))) instead: a departure
+    from the paper (Xiong et al., 2020) that trains without warm-up sensitivity; the stack then
+    ends with one more LayerNorm.
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.pre_norm = config.norm_position == "pre"
+        self.norm = nnx.LayerNorm(config.d_model, epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(config.dropout_rate)
+
+    def __call__(
+        self,
+        x: Float[Array, "b l m"],
+        sublayer: Callable[[jax.Array], jax.Array],
+        *,
+        deterministic: bool,
+        rngs: nnx.Rngs | None,
+    ) -> Float[Array, "b l m"]:
+        if self.pre_norm:
+            return x + self.dropout(sublayer(self.norm(x)), deterministic=deterministic, rngs=rngs)
+        return self.norm(x + self.dropout(sublayer(x), deterministic=deterministic, rngs=rngs))
+
+
+class EncoderLayer(nnx.Module):
+    """§3.1: multi-head self-attention, then the position-wise FFN, each in a residual sub-layer."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.self_attention = MultiHeadAttention(config, rngs=rngs)
+        self.self_attention_residual = ResidualSublayer(config, rngs=rngs)
+        self.feed_forward = PositionwiseFeedForward(config, rngs=rngs)
+        self.feed_forward_residual = ResidualSublayer(config, rngs=rngs)
+
+    def __call__(
+        self,
+        x: Float[Array, "b s m"],
+        mask: Bool[Array, "b 1 s s"],
+        *,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> Float[Array, "b s m"]:
+        run = dict(deterministic=deterministic, rngs=rngs)
+        x = self.self_attention_residual(x, lambda y: self.self_attention(y, y, mask, **run), **run)
+        return self.feed_forward_residual(x, self.feed_forward, **run)
+
+
+class DecoderLayer(nnx.Module):
+    """§3.1: masked multi-head self-attention, then encoder-decoder attention (queries from the
+    decoder, keys and values from the encoder output), then the FFN; each in a residual sub-layer.
+
+    With cross_attention=False the middle sub-layer is left out: the layer of a decoder-only LM.
+    """
+
+    def __init__(self, config: TransformerConfig, *, cross_attention: bool = True, rngs: nnx.Rngs):
+        self.self_attention = MultiHeadAttention(config, rngs=rngs)
+        self.self_attention_residual = ResidualSublayer(config, rngs=rngs)
+        if cross_attention:
+            self.cross_attention = MultiHeadAttention(config, rngs=rngs)
+            self.cross_attention_residual = ResidualSublayer(config, rngs=rngs)
+        else:
+            self.cross_attention = None
+        self.feed_forward = PositionwiseFeedForward(config, rngs=rngs)
+        self.feed_forward_residual = ResidualSublayer(config, rngs=rngs)
+
+    def __call__(
+        self,
+        x: Float[Array, "b t m"],
+        memory: Float[Array, "b s m"] | None,
+        self_mask: Bool[Array, "b 1 t t"],
+        cross_mask: Bool[Array, "b 1 t s"] | None,
+        *,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+        cache: LayerCache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[Float[Array, "b t m"], LayerCache | None]:
+        """Without `cache`: the full (training) pass, `self_mask` is [b, 1, t, t].
+
+        With `cache`: the t new positions start at `cache_index`; their keys/values are written into
+        the cache, attention runs over all max_len cached positions (`self_mask` is [b, 1, t, max_len]),
+        and the encoder-decoder keys/values are read from the cache instead of `memory`.
+        Returns the output and the updated cache (None without one).
+        """
+        run = dict(deterministic=deterministic, rngs=rngs)
+        new_cache = None if cache is None else dict(cache)
+
+        def self_attention(y):
+            q = self.self_attention.project_query(y)
+            k, v = self.self_attention.project_key_value(y)
+            if new_cache is not None:
+                start = (0, cache_index, 0, 0)
+                k = new_cache["k"] = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+                v = new_cache["v"] = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            return self.self_attention.attend(q, k, v, self_mask, **run)
+
+        def cross_attention(y):
+            q = self.cross_attention.project_query(y)
+            if cache is not None:
+                k, v = cache["cross_k"], cache["cross_v"]
+            else:
+                k, v = self.cross_attention.project_key_value(memory)
+            return self.cross_attention.attend(q, k, v, cross_mask, **run)
+
+        x = self.self_attention_residual(x, self_attention, **run)
+        if self.cross_attention is not None:
+            x = self.cross_attention_residual(x, cross_attention, **run)
+        return self.feed_forward_residual(x, self.feed_forward, **run), new_cache
+
+    def init_cache(self, batch: int, max_len: int, memory: Float[Array, "b s m"] | None, dtype) -> LayerCache:
+        """An empty self-attention cache of max_len positions, and the encoder-decoder keys/values."""
+        config = self.self_attention.config
+        empty = jnp.zeros((batch, max_len, config.h, config.d_k), dtype)
+        cache = {"k": empty, "v": empty}
+        if self.cross_attention is not None:
+            cache["cross_k"], cache["cross_v"] = self.cross_attention.project_key_value(memory)
+        return cache
+
+
+class Encoder(nnx.Module):
+    """§3.1: a stack of N identical encoder layers."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.layers = nnx.List([EncoderLayer(config, rngs=rngs) for _ in range(config.N)])
+        self.final_norm = _final_norm(config, rngs)
+
+    def __call__(
+        self, x: Float[Array, "b s m"], mask: Bool[Array, "b 1 s s"], *, deterministic: bool = True, rngs=None
+    ) -> Float[Array, "b s m"]:
+        for layer in self.layers:
+            x = layer(x, mask, deterministic=deterministic, rngs=rngs)
+        return x if self.final_norm is None else self.final_norm(x)
+
+
+class Decoder(nnx.Module):
+    """§3.1: a stack of N identical decoder layers (with or without encoder-decoder attention)."""
+
+    def __init__(self, config: TransformerConfig, *, cross_attention: bool = True, rngs: nnx.Rngs):
+        self.layers = nnx.List(
+            [DecoderLayer(config, cross_attention=cross_attention, rngs=rngs) for _ in range(config.N)]
+        )
+        self.final_norm = _final_norm(config, rngs)
+
+    def __call__(
+        self,
+        x: Float[Array, "b t m"],
+        memory: Float[Array, "b s m"] | None,
+        self_mask: Bool[Array, "b 1 t k"],
+        cross_mask: Bool[Array, "b 1 t s"] | None,
+        *,
+        deterministic: bool = True,
+        rngs=None,
+        cache: list[LayerCache] | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[Float[Array, "b t m"], list[LayerCache] | None]:
+        new_cache = None if cache is None else []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(
+                x, memory, self_mask, cross_mask, deterministic=deterministic, rngs=rngs,
+                cache=None if cache is None else cache[i], cache_index=cache_index,
+            )
+            if new_cache is not None:
+                new_cache.append(layer_cache)
+        return (x if self.final_norm is None else self.final_norm(x)), new_cache
+
+    def init_cache(self, batch: int, max_len: int, memory=None, dtype=jnp.float32) -> list[LayerCache]:
+        return [layer.init_cache(batch, max_len, memory, dtype) for layer in self.layers]
+
+
+def _final_norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm | None:
+    # Pre-LN leaves the last residual sum un-normalised; post-LN's last sub-layer already normalised it.
+    if config.norm_position != "pre":
+        return None
+    return nnx.LayerNorm(config.d_model, epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype, rngs=rngs)

@@ -1,0 +1,217 @@
+"""The three model families built from the same layers.
+
+- `Transformer`: the paper's encoder-decoder (§3, Figure 1), for translation.
+- `TransformerLM`: a decoder-only language model (causal self-attention, no cross-attention).
+- `TransformerClassifier`: an encoder, mean-pooled over real tokens, then class logits.
+
+Every model returns logits; losses live in `transformer.loss`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from transformer.config import TransformerConfig
+from transformer.embeddings import InputEmbedding, TokenEmbedding
+from transformer.layers import Decoder, Encoder, LayerCache
+from transformer.masks import attention_masks, causal_mask, padding_mask, segment_mask
+
+
+def check_tokens(name: str, tokens, config: TransformerConfig, batch: int | None = None) -> None:
+    """Raise ValueError (at trace time) unless `tokens` is an integer [batch, length] array that fits."""
+    shape, dtype = getattr(tokens, "shape", None), getattr(tokens, "dtype", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"{name} must be a 2-D integer array [batch, length]; got shape {shape}")
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{name} must hold integer token ids (int32); got dtype {dtype}")
+    if batch is not None and shape[0] != batch:
+        raise ValueError(f"{name} has batch size {shape[0]} but the source has {batch}: pass one target per source")
+    if shape[1] > config.max_len:
+        raise ValueError(f"{name} has length {shape[1]} > max_len={config.max_len}: raise max_len or shorten the input")
+
+
+def _default_positions(tokens: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+
+class Transformer(nnx.Module):
+    """§3: the encoder-decoder Transformer.
+
+    `model(src_tokens, tgt_in_tokens)` -> logits [batch, tgt_len, vocab_size], where tgt_in_tokens are
+    the targets shifted right (begin token first). Packed rows pass `*_segments` (example ids, 0 =
+    padding) and `*_positions` (restarting at 0 per example).
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        # §3.4: "we share the same weight matrix between the two embedding layers and the
+        # pre-softmax linear transformation".
+        src_tokens = TokenEmbedding(config, rngs=rngs)
+        tgt_tokens = src_tokens if config.share_embeddings else TokenEmbedding(config, rngs=rngs)
+        self.src_embed = InputEmbedding(config, src_tokens, rngs=rngs)
+        self.tgt_embed = InputEmbedding(config, tgt_tokens, rngs=rngs)
+        self.encoder = Encoder(config, rngs=rngs)
+        self.decoder = Decoder(config, cross_attention=True, rngs=rngs)
+        if config.share_embeddings:
+            self.output_projection = None
+        else:
+            self.output_projection = nnx.Linear(
+                config.d_model, config.vocab_size, use_bias=False, dtype=config.compute_dtype, rngs=rngs
+            )
+
+    def encode(
+        self,
+        src_tokens: Int[Array, "b s"],
+        src_positions: Int[Array, "b s"] | None = None,
+        src_segments: Int[Array, "b s"] | None = None,
+        *,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> Float[Array, "b s m"]:
+        """The encoder's output ("memory") for the source tokens."""
+        check_tokens("src_tokens", src_tokens, self.config)
+        mask = padding_mask(src_tokens, src_tokens, self.config.pad_id)
+        if src_segments is not None:
+            mask = mask & segment_mask(src_segments, src_segments)
+        x = self.src_embed(src_tokens, src_positions, deterministic=deterministic, rngs=rngs)
+        return self.encoder(x, mask, deterministic=deterministic, rngs=rngs)
+
+    def logits(self, x: Float[Array, "b t m"]) -> Float[Array, "b t v"]:
+        """§3.4: the pre-softmax linear transformation (the shared embedding matrix, transposed)."""
+        if self.output_projection is None:
+            return self.tgt_embed.token_embedding.logits(x)
+        return self.output_projection(x)
+
+    def __call__(
+        self,
+        src_tokens: Int[Array, "b s"],
+        tgt_in_tokens: Int[Array, "b t"],
+        *,
+        src_positions: Int[Array, "b s"] | None = None,
+        tgt_positions: Int[Array, "b t"] | None = None,
+        src_segments: Int[Array, "b s"] | None = None,
+        tgt_segments: Int[Array, "b t"] | None = None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> Float[Array, "b t v"]:
+        check_tokens("src_tokens", src_tokens, self.config)
+        check_tokens("tgt_in_tokens", tgt_in_tokens, self.config, batch=src_tokens.shape[0])
+        if (src_segments is None) != (tgt_segments is None):
+            raise ValueError("pass both src_segments and tgt_segments (packed rows) or neither")
+        run = dict(deterministic=deterministic, rngs=rngs)
+        _, dec_self_mask, cross_mask = attention_masks(
+            src_tokens, tgt_in_tokens, self.config.pad_id, src_segments, tgt_segments
+        )
+        memory = self.encode(src_tokens, src_positions, src_segments, **run)
+        y = self.tgt_embed(tgt_in_tokens, tgt_positions, **run)
+        y, _ = self.decoder(y, memory, dec_self_mask, cross_mask, **run)
+        return self.logits(y)
+
+    def init_cache(self, memory: Float[Array, "b s m"], max_len: int) -> list[LayerCache]:
+        """Per-layer caches for incremental decoding of up to max_len target positions."""
+        return self.decoder.init_cache(memory.shape[0], max_len, memory, self.config.compute_dtype)
+
+    def decode_step(
+        self,
+        tgt_tokens: Int[Array, "b t"],
+        src_tokens: Int[Array, "b s"],
+        cache: list[LayerCache],
+        index: jax.Array | int,
+    ) -> tuple[Float[Array, "b t v"], list[LayerCache]]:
+        """Logits for t new target tokens at positions index … index+t-1, from and into the cache
+        (the encoder output is already in the cache as the encoder-decoder keys/values)."""
+        max_len = cache[0]["k"].shape[1]
+        positions = jnp.broadcast_to(index + jnp.arange(tgt_tokens.shape[1]), tgt_tokens.shape)
+        self_mask = causal_mask(tgt_tokens.shape[1], max_len, offset=index)
+        cross_mask = padding_mask(tgt_tokens, src_tokens, self.config.pad_id)
+        y = self.tgt_embed(tgt_tokens, positions)
+        y, cache = self.decoder(y, None, self_mask, cross_mask, cache=cache, cache_index=index)
+        return self.logits(y), cache
+
+
+class TransformerLM(nnx.Module):
+    """A decoder-only language model from the same layers: causal self-attention, no cross-attention,
+    output projection tied to the token embedding (when share_embeddings)."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = InputEmbedding(config, TokenEmbedding(config, rngs=rngs), rngs=rngs)
+        self.decoder = Decoder(config, cross_attention=False, rngs=rngs)
+        if config.share_embeddings:
+            self.output_projection = None
+        else:
+            self.output_projection = nnx.Linear(
+                config.d_model, config.vocab_size, use_bias=False, dtype=config.compute_dtype, rngs=rngs
+            )
+
+    def logits(self, x: Float[Array, "b t m"]) -> Float[Array, "b t v"]:
+        if self.output_projection is None:
+            return self.embed.token_embedding.logits(x)
+        return self.output_projection(x)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "b t"],
+        *,
+        positions: Int[Array, "b t"] | None = None,
+        segments: Int[Array, "b t"] | None = None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> Float[Array, "b t v"]:
+        """Next-token logits at every position: logits[:, i] predicts tokens[:, i + 1]."""
+        check_tokens("tokens", tokens, self.config)
+        mask = padding_mask(tokens, tokens, self.config.pad_id) & causal_mask(tokens.shape[1])
+        if segments is not None:
+            mask = mask & segment_mask(segments, segments)
+        x = self.embed(tokens, positions, deterministic=deterministic, rngs=rngs)
+        x, _ = self.decoder(x, None, mask, None, deterministic=deterministic, rngs=rngs)
+        return self.logits(x)
+
+    def init_cache(self, batch: int, max_len: int) -> list[LayerCache]:
+        return self.decoder.init_cache(batch, max_len, None, self.config.compute_dtype)
+
+    def decode_step(
+        self, tokens: Int[Array, "b t"], cache: list[LayerCache], index: jax.Array | int, key_valid=None
+    ) -> tuple[Float[Array, "b t v"], list[LayerCache]]:
+        """Logits for t new tokens at positions index … index+t-1 (t > 1 prefills a prompt in one pass).
+        `key_valid` [b, max_len] (optional) hides cache positions that hold padding."""
+        max_len = cache[0]["k"].shape[1]
+        positions = jnp.broadcast_to(index + jnp.arange(tokens.shape[1]), tokens.shape)
+        mask = causal_mask(tokens.shape[1], max_len, offset=index)
+        if key_valid is not None:
+            mask = mask & key_valid[:, None, None, :]
+        x = self.embed(tokens, positions)
+        x, cache = self.decoder(x, None, mask, None, cache=cache, cache_index=index)
+        return self.logits(x), cache
+
+
+class TransformerClassifier(nnx.Module):
+    """An encoder-only classifier: the encoder of §3.1, its outputs averaged over the real (non-pad)
+    positions, then a linear layer to `num_classes` logits."""
+
+    def __init__(self, config: TransformerConfig, num_classes: int, *, rngs: nnx.Rngs):
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        self.config = config
+        self.embed = InputEmbedding(config, TokenEmbedding(config, rngs=rngs), rngs=rngs)
+        self.encoder = Encoder(config, rngs=rngs)
+        self.classifier = nnx.Linear(config.d_model, num_classes, dtype=config.compute_dtype, rngs=rngs)
+
+    def __call__(
+        self, tokens: Int[Array, "b s"], *, deterministic: bool = True, rngs: nnx.Rngs | None = None
+    ) -> Float[Array, "b c"]:
+        check_tokens("tokens", tokens, self.config)
+        real = tokens != self.config.pad_id
+        x = self.embed(tokens, deterministic=deterministic, rngs=rngs)
+        x = self.encoder(x, padding_mask(tokens, tokens, self.config.pad_id), deterministic=deterministic, rngs=rngs)
+        weights = real[..., None].astype(x.dtype)
+        pooled = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
+        return self.classifier(pooled)
+
+
+def count_parameters(model: nnx.Module) -> int:
+    """Number of trainable scalars (a shared matrix counts once)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
