@@ -104,7 +104,7 @@ class TransformerConfig:
     @classmethod
     def tiny(cls, **overrides) -> "TransformerConfig":
         """Not from the paper: a small model for CPU tests and demos."""
-        return cls(**{"vocab_size": 64, "d_model": 32, "d_ff": 64, "h": 4, "N": 2, "max_len": 128, **overrides})
+        return cls(**{"vocab_size": 64, "d_model": 64, "d_ff": 256, "h": 4, "N": 2, "max_len": 128, **overrides})
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TransformerConfig":

@@ -174,12 +174,15 @@ class TransformerLM(nnx.Module):
         return self.decoder.init_cache(batch, max_len, None, self.config.compute_dtype)
 
     def decode_step(
-        self, tokens: Int[Array, "b t"], cache: list[LayerCache], index: jax.Array | int, key_valid=None
+        self, tokens: Int[Array, "b t"], cache: list[LayerCache], index: jax.Array | int, key_valid=None,
+        positions: Int[Array, "b t"] | None = None,
     ) -> tuple[Float[Array, "b t v"], list[LayerCache]]:
-        """Logits for t new tokens at positions index … index+t-1 (t > 1 prefills a prompt in one pass).
-        `key_valid` [b, max_len] (optional) hides cache positions that hold padding."""
+        """Logits for t new tokens written at cache slots index … index+t-1 (t > 1 prefills a prompt in
+        one pass). `key_valid` [b, max_len] (optional) hides cache slots that hold padding, and
+        `positions` (default: the slots) gives the positional-encoding positions, for left-padded prompts."""
         max_len = cache[0]["k"].shape[1]
-        positions = jnp.broadcast_to(index + jnp.arange(tokens.shape[1]), tokens.shape)
+        if positions is None:
+            positions = jnp.broadcast_to(index + jnp.arange(tokens.shape[1]), tokens.shape)
         mask = causal_mask(tokens.shape[1], max_len, offset=index)
         if key_valid is not None:
             mask = mask & key_valid[:, None, None, :]

@@ -1,0 +1,44 @@
+"""Checkpoints with Orbax: the training state plus the data position, saved every N steps and at
+the end, the last K kept; and §6.1's averaging of the last checkpoints."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+    """The checkpoints of one work dir (`<workdir>/checkpoints/<step>/`)."""
+
+    def __init__(self, workdir: str, keep: int = 5):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Save host copies of `state` (a pytree of arrays) and the JSON-able `meta`."""
+        state = jax.device_get(state)
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                          force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, like: Any) -> tuple[Any, dict]:
+        """The state saved at `step`, with the structure of `like` (arrays or shape-dtype structs)."""
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
+        return restored["state"], dict(restored["meta"])
+
+    def close(self) -> None:
+        self.manager.close()

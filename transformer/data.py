@@ -1,0 +1,303 @@
+"""Input pipeline: parallel text from tensorflow-datasets, a local folder, or a generated task;
+tokenised once, length-filtered, then batched by token count with length buckets (§5.1: "sentence
+pairs were batched together by approximate sequence length"), optionally packed several per row.
+
+Host work is NumPy; `prefetch_to_devices` keeps the next batches on the devices while a step runs.
+TensorFlow is imported only where tfds reads a dataset.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+Pair = tuple[str, str]
+BUCKET_STEP = 8  # bucket lengths are multiples of 8 (fewer shapes to compile, little padding)
+
+
+class DataError(ValueError):
+    """A problem with the user's data or data options; the message says what to fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources of sentence pairs
+# ---------------------------------------------------------------------------------------------
+
+REVERSE_ALPHABET = "abcdefghijklmnopqrst"
+
+
+def reverse_task_pairs(num: int, seed: int, min_len: int = 4, max_len: int = 12) -> list[Pair]:
+    """The embedded task: a random string of letters and its reverse ("abc" -> "cba")."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list(REVERSE_ALPHABET))
+    pairs = []
+    for length in rng.integers(min_len, max_len + 1, num):
+        s = "".join(rng.choice(letters, length))
+        pairs.append((s, s[::-1]))
+    return pairs
+
+
+def _import_tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise DataError(
+            f"reading datasets needs tensorflow-datasets and TensorFlow ({err}); install them with "
+            "pip install '.[data]'"
+        ) from None
+    return tfds
+
+
+def _pairs_from_dataset(ds, src_lang: str, tgt_lang: str, tfds) -> list[Pair]:
+    pairs = []
+    for example in tfds.as_numpy(ds):
+        if src_lang not in example or tgt_lang not in example:
+            raise DataError(
+                f"the dataset has languages {sorted(example)}, not {src_lang!r} and {tgt_lang!r}: "
+                "set --src_lang/--tgt_lang"
+            )
+        pairs.append((example[src_lang].decode("utf-8"), example[tgt_lang].decode("utf-8")))
+    return pairs
+
+
+def load_tfds_pairs(name: str, split: str, src_lang: str, tgt_lang: str, data_dir: str | None = None) -> list[Pair]:
+    """Sentence pairs of a prepared tensorflow-datasets translation dataset (e.g. wmt14_translate/de-en)."""
+    tfds = _import_tfds()
+    try:
+        ds = tfds.load(name, split=split, data_dir=data_dir, download=False)
+    except Exception as err:  # tfds raises several types for "not prepared" / "unknown"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(
+            f"cannot read tfds dataset {name!r} split {split!r} ({first_line}). Prepare it where there is "
+            f"network with `tfds build {name}` (then pass --tfds_data_dir if not the default), or train on "
+            "local text files with --dataset_dir DIR ({lang}.{split}.txt)"
+        ) from None
+    return _pairs_from_dataset(ds, src_lang, tgt_lang, tfds)
+
+
+def check_translate_folder(root: str, splits: Sequence[str], langs: Sequence[str]) -> None:
+    """Fail early, with the file names, on a folder that tfds.TranslateFolder would misread."""
+    if not os.path.isdir(root):
+        raise DataError(f"--dataset_dir {root!r} is not a folder")
+    for split in splits:
+        counts = {}
+        for lang in langs:
+            path = os.path.join(root, f"{lang}.{split}.txt")
+            if not os.path.isfile(path):
+                raise DataError(f"{path} is missing: the folder needs one {{lang}}.{{split}}.txt file per language and split")
+            with open(path, "rb") as f:
+                counts[path] = sum(1 for _ in f)
+        if len(set(counts.values())) > 1:
+            detail = ", ".join(f"{os.path.basename(p)} has {n} lines" for p, n in counts.items())
+            raise DataError(f"parallel files of split {split!r} differ in length ({detail}): line N of each must translate line N of the other")
+
+
+def load_folder_pairs(root: str, split: str, src_lang: str, tgt_lang: str) -> list[Pair]:
+    """Sentence pairs from {lang}.{split}.txt files, read with tfds.TranslateFolder."""
+    check_translate_folder(root, [split], [src_lang, tgt_lang])
+    tfds = _import_tfds()
+    builder = tfds.TranslateFolder(root_dir=root)
+    return _pairs_from_dataset(builder.as_dataset(split=split), src_lang, tgt_lang, tfds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenised examples and batches
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Examples:
+    """Tokenised pairs: source ids end with EOS; target ids end with EOS (the decoder input is
+    BOS + target without its EOS)."""
+
+    src: list[np.ndarray]
+    tgt: list[np.ndarray]
+
+    def __len__(self):
+        return len(self.src)
+
+
+def encode_pairs(pairs: Sequence[Pair], tokenizer: Tokenizer, max_length: int) -> Examples:
+    """Tokenise and drop pairs whose source or target (with EOS) is longer than max_length."""
+    src, tgt = [], []
+    for s, t in pairs:
+        s_ids, t_ids = tokenizer.encode(s) + [EOS_ID], tokenizer.encode(t) + [EOS_ID]
+        if 1 < len(s_ids) <= max_length and 1 < len(t_ids) <= max_length:
+            src.append(np.asarray(s_ids, np.int32))
+            tgt.append(np.asarray(t_ids, np.int32))
+    return Examples(src, tgt)
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def rows_per_batch(batch_tokens: int, length: int, multiple: int) -> int:
+    """Rows of `length` tokens in a batch of about batch_tokens tokens per side, a multiple of
+    `multiple` (the number of devices, so that every device gets the same share)."""
+    rows = (batch_tokens // length) // multiple * multiple
+    if rows == 0:
+        raise DataError(
+            f"a batch of {batch_tokens} tokens holds {batch_tokens // length} rows of length {length}, which "
+            f"{multiple} devices cannot divide: raise --batch_tokens to at least {length * multiple} or lower --max_length"
+        )
+    return rows
+
+
+def _collate(examples: Examples, indices: Sequence[int], length: int, rows: int) -> dict[str, np.ndarray]:
+    """Unpacked batch: one example per row, padded to `length`; missing rows are all padding."""
+    batch = {k: np.full((rows, length), PAD_ID, np.int32) for k in ("src", "tgt_in", "tgt_out")}
+    for r, i in enumerate(indices):
+        s, t = examples.src[i], examples.tgt[i]
+        batch["src"][r, : len(s)] = s
+        batch["tgt_in"][r, 0] = BOS_ID
+        batch["tgt_in"][r, 1 : len(t)] = t[:-1]
+        batch["tgt_out"][r, : len(t)] = t
+    return batch
+
+
+def _collate_packed(examples: Examples, packed_rows: Sequence[Sequence[int]], length: int, rows: int) -> dict[str, np.ndarray]:
+    """Packed batch: several examples per row, with segment ids (1, 2, …; 0 = padding) and
+    positions restarting at 0 for every example."""
+    names = ("src", "tgt_in", "tgt_out", "src_segments", "tgt_segments", "src_positions", "tgt_positions")
+    batch = {k: np.zeros((rows, length), np.int32) for k in names}
+    for r, members in enumerate(packed_rows):
+        s_at = t_at = 0
+        for seg, i in enumerate(members, start=1):
+            s, t = examples.src[i], examples.tgt[i]
+            batch["src"][r, s_at : s_at + len(s)] = s
+            batch["src_segments"][r, s_at : s_at + len(s)] = seg
+            batch["src_positions"][r, s_at : s_at + len(s)] = np.arange(len(s))
+            batch["tgt_in"][r, t_at] = BOS_ID
+            batch["tgt_in"][r, t_at + 1 : t_at + len(t)] = t[:-1]
+            batch["tgt_out"][r, t_at : t_at + len(t)] = t
+            batch["tgt_segments"][r, t_at : t_at + len(t)] = seg
+            batch["tgt_positions"][r, t_at : t_at + len(t)] = np.arange(len(t))
+            s_at, t_at = s_at + len(s), t_at + len(t)
+    return batch
+
+
+def _pack(examples: Examples, order: Sequence[int], length: int) -> list[list[int]]:
+    """Next-fit packing: examples in the given order fill a row until one side would overflow."""
+    packed, row, s_used, t_used = [], [], 0, 0
+    for i in order:
+        s, t = len(examples.src[i]), len(examples.tgt[i])
+        if row and (s_used + s > length or t_used + t > length):
+            packed.append(row)
+            row, s_used, t_used = [], 0, 0
+        row.append(i)
+        s_used, t_used = s_used + s, t_used + t
+    if row:
+        packed.append(row)
+    return packed
+
+
+class BatchPlan:
+    """The batches of one pass over the data, as (length, rows, members) plans; deterministic in
+    (seed, epoch) so that a resumed run sees exactly the batches it would have seen."""
+
+    def __init__(self, examples: Examples, batch_tokens: int, max_length: int, multiple: int,
+                 packing: bool = False, seed: int = 0, shuffle: bool = True):
+        if len(examples) == 0:
+            raise DataError("no examples left after length filtering: raise --max_length or check the data")
+        self.examples, self.batch_tokens, self.multiple = examples, batch_tokens, multiple
+        self.packing, self.seed, self.shuffle = packing, seed, shuffle
+        self.max_length = _round_up(max_length, BUCKET_STEP)
+        rows_per_batch(batch_tokens, self.max_length, multiple)  # the longest bucket must fit
+
+    def epoch(self, epoch: int) -> list[tuple[int, int, list]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.examples)
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        plans = []
+        if self.packing:
+            length = self.max_length
+            rows = rows_per_batch(self.batch_tokens, length, self.multiple)
+            packed = _pack(self.examples, order, length)
+            for start in range(0, len(packed), rows):
+                plans.append((length, rows, packed[start : start + rows]))
+        else:
+            buckets: dict[int, list[int]] = collections.defaultdict(list)
+            for i in order:
+                longest = max(len(self.examples.src[i]), len(self.examples.tgt[i]))
+                buckets[_round_up(longest, BUCKET_STEP)].append(int(i))
+            for length in sorted(buckets):
+                rows = rows_per_batch(self.batch_tokens, length, self.multiple)
+                members = buckets[length]
+                for start in range(0, len(members), rows):
+                    plans.append((length, rows, members[start : start + rows]))
+        if self.shuffle:
+            plans = [plans[i] for i in rng.permutation(len(plans))]
+        return plans
+
+    def collate(self, plan) -> dict[str, np.ndarray]:
+        length, rows, members = plan
+        if self.packing:
+            return _collate_packed(self.examples, members, length, rows)
+        return _collate(self.examples, members, length, rows)
+
+    def batches(self, start: int = 0, epochs: int | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(position, batch) from global batch number `start` on; forever unless `epochs` is given."""
+        position = 0
+        for epoch in itertools.count() if epochs is None else range(epochs):
+            plans = self.epoch(epoch)
+            if position + len(plans) <= start:
+                position += len(plans)
+                continue
+            for plan in plans:
+                if position >= start:
+                    yield position, self.collate(plan)
+                position += 1
+
+
+def host_shard(batch: dict[str, np.ndarray], process_index: int, process_count: int) -> dict[str, np.ndarray]:
+    """This host's rows of a global batch (multi-host data parallelism)."""
+    if process_count == 1:
+        return batch
+    rows = next(iter(batch.values())).shape[0] // process_count
+    return {k: v[process_index * rows : (process_index + 1) * rows] for k, v in batch.items()}
+
+
+def shard_for_devices(batch: dict[str, np.ndarray], n_devices: int) -> dict[str, np.ndarray]:
+    """[rows, …] -> [n_devices, rows / n_devices, …] for pmap."""
+    def split(x):
+        if x.shape[0] % n_devices:
+            raise DataError(f"a batch of {x.shape[0]} rows cannot be split across {n_devices} devices")
+        return x.reshape(n_devices, x.shape[0] // n_devices, *x.shape[1:])
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def prefetch_to_devices(iterator, devices, size: int = 2):
+    """Move the next `size` (position, batch) items onto the devices in a background thread."""
+    import jax
+
+    q: queue.Queue = queue.Queue(maxsize=size)
+    stop = object()
+
+    def producer():
+        try:
+            for position, batch in iterator:
+                batch = shard_for_devices(batch, len(devices))
+                q.put((position, {k: jax.device_put_sharded(list(v), devices) for k, v in batch.items()}))
+        except BaseException as err:  # hand the error to the consumer
+            q.put(err)
+        q.put(stop)
+
+    threading.Thread(target=producer, daemon=True).start()
+    while True:
+        item = q.get()
+        if item is stop:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item

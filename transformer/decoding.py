@@ -1,0 +1,219 @@
+"""§6.1 Inference: greedy decoding and beam search (beam 4, length penalty α = 0.6, maximum output
+length = input length + 50) for the encoder-decoder, and prompt continuation for the LM; all
+through the key/value cache, inside one jit-compiled `lax.while_loop` that stops once every
+sequence has finished."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+NEG_INF = -1e9  # a finite "impossible" score, so that arithmetic on it never makes NaNs
+
+
+def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
+    """Wu et al. (2016), cited by §6.1: lp(Y) = ((5 + |Y|) / 6)^α; beams are ranked by log P(Y) / lp(Y)."""
+    return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
+
+
+def _output_limits(src: jax.Array, max_extra: int, pad_id: int) -> jax.Array:
+    """Per-example maximum output length: input length + max_extra (§6.1)."""
+    return (src != pad_id).sum(axis=1) + max_extra
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_extra"))
+def _greedy(graphdef, params, src, max_extra: int):
+    model = nnx.merge(graphdef, params)
+    pad_id = model.config.pad_id
+    batch, max_len = src.shape[0], src.shape[1] + max_extra
+    limits = _output_limits(src, max_extra, pad_id)
+    memory = model.encode(src)
+    cache = model.init_cache(memory, max_len)
+    tokens = jnp.full((batch, max_len + 1), PAD_ID, jnp.int32).at[:, 0].set(BOS_ID)
+    log_prob = jnp.zeros((batch,), jnp.float32)
+
+    def cond(carry):
+        i, _, _, finished, _ = carry
+        return (i < max_len) & ~finished.all()
+
+    def body(carry):
+        i, tokens, cache, finished, log_prob = carry
+        logits, cache = model.decode_step(jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1), src, cache, i)
+        log_p = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32))
+        at_limit = i + 1 >= limits
+        next_token = jnp.where(at_limit, EOS_ID, log_p.argmax(-1))
+        log_prob = log_prob + jnp.where(finished, 0.0, jnp.take_along_axis(log_p, next_token[:, None], 1)[:, 0])
+        next_token = jnp.where(finished, PAD_ID, next_token)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, next_token[:, None], i + 1, axis=1)
+        return i + 1, tokens, cache, finished | (next_token == EOS_ID), log_prob
+
+    init = (jnp.zeros((), jnp.int32), tokens, cache, jnp.zeros((batch,), bool), log_prob)
+    _, tokens, _, _, log_prob = jax.lax.while_loop(cond, body, init)
+    return tokens[:, 1:], log_prob
+
+
+def greedy_decode(model, src: Int[Array, "b s"], max_extra: int = 50) -> tuple[Int[Array, "b l"], Float[Array, "b"]]:
+    """The most likely next token at every step. Returns tokens [b, s + max_extra] (EOS, then
+    padding, after the end) and each sequence's log-probability."""
+    graphdef, params = nnx.split(model)
+    return _greedy(graphdef, params, jnp.asarray(src, jnp.int32), max_extra)
+
+
+def _gather_beams(x: jax.Array, parents: jax.Array) -> jax.Array:
+    """x [b, k, …] reordered along the beam axis by parents [b, k]."""
+    return jnp.take_along_axis(x, parents.reshape(*parents.shape, *([1] * (x.ndim - 2))), axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "beam", "alpha", "max_extra"))
+def _beam_search(graphdef, params, src, beam: int, alpha: float, max_extra: int):
+    model = nnx.merge(graphdef, params)
+    pad_id = model.config.pad_id
+    batch, max_len = src.shape[0], src.shape[1] + max_extra
+    vocab = model.config.vocab_size
+    limits = jnp.repeat(_output_limits(src, max_extra, pad_id), beam)  # [b·k]
+    flat_src = jnp.repeat(src, beam, axis=0)  # beams of one input are adjacent: [b·k, s]
+    memory = model.encode(flat_src)
+    cache = model.init_cache(memory, max_len)
+    seqs = jnp.full((batch, beam, max_len + 1), PAD_ID, jnp.int32).at[:, :, 0].set(BOS_ID)
+    # Only the first beam is live at the start, so the k beams do not all repeat one hypothesis.
+    scores = jnp.full((batch, beam), NEG_INF).at[:, 0].set(0.0)  # log P of each hypothesis
+    lengths = jnp.zeros((batch, beam), jnp.int32)
+    finished = jnp.zeros((batch, beam), bool).at[:, 1:].set(True)
+
+    def cond(carry):
+        i, _, _, _, _, finished = carry
+        return (i < max_len) & ~finished.all()
+
+    def body(carry):
+        i, seqs, cache, scores, lengths, finished = carry
+        last = jax.lax.dynamic_slice_in_dim(seqs, i, 1, axis=2).reshape(batch * beam, 1)
+        logits, cache = model.decode_step(last, flat_src, cache, i)
+        log_p = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32))  # [b·k, V]
+        at_limit = (i + 1 >= limits)[:, None]
+        log_p = jnp.where(at_limit & (jnp.arange(vocab) != EOS_ID), NEG_INF, log_p).reshape(batch, beam, vocab)
+        # A live hypothesis extends by any token; a finished one only "extends" by padding, unchanged.
+        extend = scores[..., None] + log_p
+        keep = jnp.where(jnp.arange(vocab) == PAD_ID, scores[..., None], NEG_INF)
+        cand_scores = jnp.where(finished[..., None], keep, extend)  # [b, k, V]
+        cand_lengths = jnp.where(finished, lengths, i + 1)[..., None]
+        rank = cand_scores / length_penalty(cand_lengths, alpha)
+        rank = jnp.where(cand_scores <= NEG_INF / 2, NEG_INF, rank)
+        _, flat_best = jax.lax.top_k(rank.reshape(batch, beam * vocab), beam)
+        parents, tokens = flat_best // vocab, flat_best % vocab
+        seqs = _gather_beams(seqs, parents)
+        seqs = jax.lax.dynamic_update_slice_in_dim(seqs, tokens[..., None], i + 1, axis=2)
+        scores = jnp.take_along_axis(cand_scores.reshape(batch, -1), flat_best, axis=1)
+        was_finished = _gather_beams(finished, parents)
+        lengths = jnp.where(was_finished, _gather_beams(lengths, parents), i + 1)
+        finished = was_finished | (tokens == EOS_ID) | (scores <= NEG_INF / 2)
+        flat_parents = (parents + beam * jnp.arange(batch)[:, None]).reshape(-1)
+        cache = [
+            {name: (a if name.startswith("cross") else a[flat_parents]) for name, a in layer.items()} for layer in cache
+        ]
+        return i + 1, seqs, cache, scores, lengths, finished
+
+    init = (jnp.zeros((), jnp.int32), seqs, cache, scores, lengths, finished)
+    _, seqs, _, scores, lengths, _ = jax.lax.while_loop(cond, body, init)
+    normalized = scores / length_penalty(lengths, alpha)
+    order = jnp.argsort(-normalized, axis=1)
+    return (jnp.take_along_axis(seqs[:, :, 1:], order[..., None], axis=1),
+            jnp.take_along_axis(normalized, order, axis=1))
+
+
+def beam_search(
+    model, src: Int[Array, "b s"], beam_size: int = 4, alpha: float = 0.6, max_extra: int = 50
+) -> tuple[Int[Array, "b k l"], Float[Array, "b k"]]:
+    """§6.1 beam search. Returns the beam_size best hypotheses per input, best first ([b, k, l],
+    EOS then padding after each end), and their scores log P(Y) / lp(Y)."""
+    graphdef, params = nnx.split(model)
+    return _beam_search(graphdef, params, jnp.asarray(src, jnp.int32), beam_size, float(alpha), max_extra)
+
+
+def translate(model, src, beam_size: int = 4, alpha: float = 0.6, max_extra: int = 50) -> Int[Array, "b l"]:
+    """Best output per input: greedy for beam_size 1, beam search otherwise."""
+    if beam_size == 1:
+        return greedy_decode(model, src, max_extra)[0]
+    return beam_search(model, src, beam_size, alpha, max_extra)[0][:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k"))
+def _generate(graphdef, params, prompt, key, max_new_tokens: int, temperature, top_k: int):
+    model = nnx.merge(graphdef, params)
+    batch, p = prompt.shape
+    max_len = p + max_new_tokens
+    # Prompts are left-padded: each row's positions start at 0 on its first real token.
+    pad = (prompt == PAD_ID).sum(axis=1)
+    key_valid = jnp.concatenate([prompt != PAD_ID, jnp.ones((batch, max_new_tokens), bool)], axis=1)
+    cache = model.init_cache(batch, max_len)
+    positions = jnp.maximum(jnp.arange(p)[None, :] - pad[:, None], 0)
+    logits, cache = model.decode_step(prompt, cache, 0, key_valid=key_valid, positions=positions)  # prefill
+    out = jnp.full((batch, max_new_tokens), PAD_ID, jnp.int32)
+
+    def pick(logits, key):
+        logits = logits.astype(jnp.float32)
+        if top_k > 0:
+            kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+            logits = jnp.where(logits < kth, NEG_INF, logits)
+        sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6))
+        return jnp.where(temperature > 0, sampled, logits.argmax(-1))
+
+    def cond(carry):
+        i, _, _, finished, _ = carry
+        return (i < max_new_tokens) & ~finished.all()
+
+    def body(carry):
+        i, out, last_logits, finished, cache = carry
+        token = jnp.where(finished, PAD_ID, pick(last_logits, jax.random.fold_in(key, i)))
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
+        finished = finished | (token == EOS_ID)
+        logits, cache = model.decode_step(token[:, None], cache, p + i, key_valid=key_valid,
+                                          positions=(p + i - pad)[:, None])
+        return i + 1, out, logits[:, 0], finished, cache
+
+    init = (jnp.zeros((), jnp.int32), out, logits[:, -1], jnp.zeros((batch,), bool), cache)
+    return jax.lax.while_loop(cond, body, init)[1]
+
+
+def generate(lm, prompt: Int[Array, "b p"], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             rngs: nnx.Rngs | None = None) -> Int[Array, "b n"]:
+    """Continue left-padded prompts with a `TransformerLM`: the prompt is prefilled in one pass,
+    then tokens are chosen greedily (temperature 0) or sampled (temperature > 0, optionally from
+    the top_k most likely) until EOS or max_new_tokens."""
+    graphdef, params = nnx.split(lm)
+    key = rngs.sample() if rngs is not None else jax.random.key(0)
+    return _generate(graphdef, params, jnp.asarray(prompt, jnp.int32), key, max_new_tokens,
+                     jnp.float32(temperature), top_k)
+
+
+def translate_batches(model, tokenizer, texts, beam_size: int = 4, alpha: float = 0.6, max_extra: int = 50,
+                      batch_size: int = 64, progress: bool = False) -> list[str]:
+    """Translate raw sentences: tokenise, sort by length (less padding), decode in batches of fixed
+    shape (rows padded to batch_size, lengths to multiples of 8, so few compilations), detokenise,
+    and return the translations in input order."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from transformer.data import BUCKET_STEP
+
+    encoded = [tokenizer.encode(t)[: model.config.max_len - 1] + [EOS_ID] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    out: list[str] = [""] * len(texts)
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="translate", unit="batch", disable=not progress):
+        members = order[start : start + batch_size]
+        length = -(-max(len(encoded[i]) for i in members) // BUCKET_STEP) * BUCKET_STEP
+        src = np.full((batch_size, min(length, model.config.max_len)), PAD_ID, np.int32)
+        for row, i in enumerate(members):
+            src[row, : len(encoded[i])] = encoded[i]
+        src[len(members):, 0] = EOS_ID  # padding rows: an empty sentence
+        extra = min(max_extra, model.config.max_len - src.shape[1])
+        hyps = np.asarray(translate(model, src, beam_size, alpha, extra))
+        for row, i in enumerate(members):
+            out[i] = tokenizer.decode(hyps[row])
+    return out

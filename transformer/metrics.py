@@ -1,0 +1,75 @@
+"""Where a run's numbers go: metrics.jsonl (one JSON object per event, with `step` and `split`),
+TensorBoard event files, and a PNG of the training and validation curves."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = enabled
+        self.tensorboard = None
+        if enabled:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # TensorBoard events are optional; metrics.jsonl is always written
+                self.tensorboard = None
+
+    def write(self, step: int, split: str, **values) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split, "time": round(time.time(), 3), **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{split}/{name}", value, step)
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(workdir: str, filename: str = "curves.png") -> str | None:
+    """Training and validation loss (and validation accuracy) against step, as a PNG."""
+    records = read_metrics(workdir)
+    train = [r for r in records if r["split"] == "train" and "loss" in r]
+    valid = [r for r in records if r["split"] == "validation" and "loss" in r]
+    if not train and not valid:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for rows, label in ((train, "train"), (valid, "validation")):
+        if rows:
+            ax_loss.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label, marker="." if label == "validation" else None)
+            ax_acc.plot([r["step"] for r in rows], [r["accuracy"] for r in rows], label=label)
+    ax_loss.set(xlabel="step", ylabel="label-smoothed loss per token", title="loss")
+    ax_acc.set(xlabel="step", ylabel="token accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = os.path.join(workdir, filename)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
