@@ -15,6 +15,10 @@ class UserError(ValueError):
     """Something the user can fix; reported as one line, exit code 2."""
 
 
+class RunStopped(RuntimeError):
+    """A run that cannot go on (e.g. its loss became NaN); reported as one line, exit code 1."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # argparse would print the whole usage first
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -63,6 +67,9 @@ def run_main(prog: str, main) -> None:
     except (UserError, ConfigError, DataError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunStopped as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)

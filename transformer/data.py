@@ -277,10 +277,25 @@ def shard_for_devices(batch: dict[str, np.ndarray], n_devices: int) -> dict[str,
     return {k: split(v) for k, v in batch.items()}
 
 
-def prefetch_to_devices(iterator, devices, size: int = 2):
-    """Move the next `size` (position, batch) items onto the devices in a background thread."""
+def put_on_devices(tree, devices):
+    """Place arrays whose leading axis is the device axis, one slice per device (pmap's layout)."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("devices",)), PartitionSpec("devices"))
+    return jax.device_put(tree, sharding)
+
+
+def replicate_on_devices(tree, devices):
+    """One identical copy of every array per device, for pmap."""
     import jax
 
+    stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))), tree)
+    return put_on_devices(stacked, devices)
+
+
+def prefetch_to_devices(iterator, devices, size: int = 2):
+    """Move the next `size` (position, batch) items onto the devices in a background thread."""
     q: queue.Queue = queue.Queue(maxsize=size)
     stop = object()
 
@@ -288,7 +303,7 @@ def prefetch_to_devices(iterator, devices, size: int = 2):
         try:
             for position, batch in iterator:
                 batch = shard_for_devices(batch, len(devices))
-                q.put((position, {k: jax.device_put_sharded(list(v), devices) for k, v in batch.items()}))
+                q.put((position, put_on_devices(batch, devices)))
         except BaseException as err:  # hand the error to the consumer
             q.put(err)
         q.put(stop)

@@ -17,6 +17,12 @@ from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
 NEG_INF = -1e9  # a finite "impossible" score, so that arithmetic on it never makes NaNs
 
 
+def _never_generate(log_p: jax.Array) -> jax.Array:
+    """Padding and the begin token are never outputs (the decoder's input mask would hide them)."""
+    vocab = jnp.arange(log_p.shape[-1]).reshape((1,) * (log_p.ndim - 1) + (-1,))
+    return jnp.where((vocab == PAD_ID) | (vocab == BOS_ID), NEG_INF, log_p)
+
+
 def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
     """Wu et al. (2016), cited by §6.1: lp(Y) = ((5 + |Y|) / 6)^α; beams are ranked by log P(Y) / lp(Y)."""
     return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
@@ -45,7 +51,7 @@ def _greedy(graphdef, params, src, max_extra: int):
     def body(carry):
         i, tokens, cache, finished, log_prob = carry
         logits, cache = model.decode_step(jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1), src, cache, i)
-        log_p = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32))
+        log_p = _never_generate(jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)))
         at_limit = i + 1 >= limits
         next_token = jnp.where(at_limit, EOS_ID, log_p.argmax(-1))
         log_prob = log_prob + jnp.where(finished, 0.0, jnp.take_along_axis(log_p, next_token[:, None], 1)[:, 0])
@@ -94,12 +100,12 @@ def _beam_search(graphdef, params, src, beam: int, alpha: float, max_extra: int)
         i, seqs, cache, scores, lengths, finished = carry
         last = jax.lax.dynamic_slice_in_dim(seqs, i, 1, axis=2).reshape(batch * beam, 1)
         logits, cache = model.decode_step(last, flat_src, cache, i)
-        log_p = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32))  # [b·k, V]
+        log_p = _never_generate(jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)))  # [b·k, V]
         at_limit = (i + 1 >= limits)[:, None]
-        log_p = jnp.where(at_limit & (jnp.arange(vocab) != EOS_ID), NEG_INF, log_p).reshape(batch, beam, vocab)
+        log_p = jnp.where(at_limit & (jnp.arange(vocab) != EOS_ID)[None, :], NEG_INF, log_p).reshape(batch, beam, vocab)
         # A live hypothesis extends by any token; a finished one only "extends" by padding, unchanged.
         extend = scores[..., None] + log_p
-        keep = jnp.where(jnp.arange(vocab) == PAD_ID, scores[..., None], NEG_INF)
+        keep = jnp.where((jnp.arange(vocab) == PAD_ID)[None, None, :], scores[..., None], NEG_INF)
         cand_scores = jnp.where(finished[..., None], keep, extend)  # [b, k, V]
         cand_lengths = jnp.where(finished, lengths, i + 1)[..., None]
         rank = cand_scores / length_penalty(cand_lengths, alpha)
@@ -156,7 +162,7 @@ def _generate(graphdef, params, prompt, key, max_new_tokens: int, temperature, t
     out = jnp.full((batch, max_new_tokens), PAD_ID, jnp.int32)
 
     def pick(logits, key):
-        logits = logits.astype(jnp.float32)
+        logits = _never_generate(logits.astype(jnp.float32))
         if top_k > 0:
             kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
             logits = jnp.where(logits < kth, NEG_INF, logits)

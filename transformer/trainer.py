@@ -18,14 +18,14 @@ import numpy as np
 
 from transformer import data as data_lib
 from transformer.checkpoint import Checkpoints
-from transformer.cli import UserError
+from transformer.cli import RunStopped, UserError
 from transformer.config import TransformerConfig
 from transformer.metrics import MetricsWriter, plot_curves
 from transformer.tokenizer import CharTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 from transformer.training import TrainConfig, TrainState, compile_steps, create_train_state, summarize
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(RunStopped):
     pass
 
 
@@ -117,7 +117,7 @@ def maybe_initialize_distributed(requested: bool) -> None:
 
 
 def _replicate(tree, devices):
-    return jax.device_put_replicated(tree, devices) if len(devices) > 1 else tree
+    return data_lib.replicate_on_devices(tree, devices) if len(devices) > 1 else tree
 
 
 def _unreplicate(tree, n_devices):
@@ -162,7 +162,10 @@ class Trainer:
         for position, batch in plan.batches(start, epochs):
             yield position, data_lib.host_shard(batch, jax.process_index(), jax.process_count())
 
-    def evaluate(self, params, max_batches: int = 0) -> dict[str, float]:
+    def evaluate(self, params, max_batches: int = 0, replicated: bool = False) -> dict[str, float]:
+        """Validation metrics of `params` (one copy, or one per device if `replicated`)."""
+        if self.n_devices > 1 and not replicated:
+            params = _replicate(params, self.devices)
         totals: dict[str, float] = {}
         for n, (_, batch) in enumerate(self._host_batches(self.eval_plan, 0, epochs=1)):
             if max_batches and n >= max_batches:
@@ -219,10 +222,11 @@ class Trainer:
             for s, m in zip(steps, fetched):
                 m = _unreplicate(m, self.n_devices)
                 if not math.isfinite(float(m["loss_sum"])):
+                    kept = (f"the last good checkpoint (step {last_good_saved}) is kept in {self.checkpoints.directory}"
+                            if last_good_saved is not None else "no checkpoint had been saved yet")
                     raise NonFiniteLoss(
-                        f"the loss became {float(m['loss_sum'])} at step {s // accum + 1}; stopping. The last good "
-                        f"checkpoint (step {last_good_saved}) is kept in {self.checkpoints.directory}: lower "
-                        "--lr_scale or raise --warmup_steps and resume"
+                        f"the loss became {float(m['loss_sum'])} at step {s // accum + 1}; stopping ({kept}). "
+                        "Lower --lr_scale or raise --warmup_steps"
                     )
                 for k, v in m.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
@@ -250,7 +254,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['learning_rate']:.2e}",
                                     tok_s=f"{logged['tokens_per_s']:.0f}")
                 if step % cfg.eval_every == 0 or step == cfg.num_train_steps:
-                    ev = self.evaluate(state.params, cfg.eval_batches)
+                    ev = self.evaluate(state.params, cfg.eval_batches, replicated=True)
                     self.metrics.write(step, "validation", **ev)
                     summary["validation"] = ev
                     bar.write(f"step {step}: validation loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.4f}, "

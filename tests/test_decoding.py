@@ -1,0 +1,113 @@
+"""Incremental decoding against full forward passes; beam search against exhaustive enumeration."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from transformer import Transformer, TransformerConfig, TransformerLM
+from transformer.decoding import beam_search, generate, greedy_decode, length_penalty
+from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+CONFIG = TransformerConfig.tiny(vocab_size=11, d_model=24, d_ff=40, h=3, N=2, dropout_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = Transformer(CONFIG, rngs=nnx.Rngs(0))
+    # Sharper output distributions than at initialisation, so that greedy and beam choices differ.
+    E = m.src_embed.token_embedding.embedding
+    E[...] = E[...] * 4.0
+    return m
+
+
+SRC = jnp.array([[5, 6, 7, 8, EOS_ID], [9, 4, EOS_ID, PAD_ID, PAD_ID]], jnp.int32)
+
+
+def test_cached_logits_equal_full_forward_at_every_step(model):
+    tgt = jnp.array([[BOS_ID, 4, 5, 6, 7, 8], [BOS_ID, 9, 10, 4, 5, 6]], jnp.int32)
+    full = np.asarray(model(SRC, tgt))
+    cache = model.init_cache(model.encode(SRC), max_len=8)
+    for i in range(tgt.shape[1]):
+        logits, cache = model.decode_step(tgt[:, i : i + 1], SRC, cache, i)
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, i], atol=1e-4)
+
+
+def _full_greedy(model, src, steps):
+    out = jnp.full((src.shape[0], 1), BOS_ID, jnp.int32)
+    for _ in range(steps):
+        logits = np.array(model(src, out))[:, -1]
+        logits[:, [PAD_ID, BOS_ID]] = -np.inf
+        out = jnp.concatenate([out, jnp.asarray(logits.argmax(-1), jnp.int32)[:, None]], axis=1)
+    return np.asarray(out[:, 1:])
+
+
+def test_greedy_through_cache_equals_repeated_full_argmax(model):
+    tokens, _ = greedy_decode(model, SRC[:1], max_extra=6)
+    tokens = np.asarray(tokens)[0]
+    reference = _full_greedy(model, SRC[:1], tokens.shape[0])[0]
+    end = list(tokens).index(EOS_ID) if EOS_ID in tokens else len(tokens)
+    np.testing.assert_array_equal(tokens[:end], reference[:end])
+    assert (tokens[end + 1 :] == PAD_ID).all()
+
+
+def test_beam_of_one_is_greedy(model):
+    greedy, _ = greedy_decode(model, SRC, max_extra=6)
+    beams, _ = beam_search(model, SRC, beam_size=1, alpha=0.6, max_extra=6)
+    np.testing.assert_array_equal(np.asarray(beams)[:, 0], np.asarray(greedy))
+
+
+def _sequence_log_prob(model, src, seq):
+    tgt_in = jnp.asarray([[BOS_ID] + list(seq[:-1])], jnp.int32)
+    log_p = jax.nn.log_softmax(model(src, tgt_in)[0])
+    return float(sum(log_p[i, t] for i, t in enumerate(seq)))
+
+
+def test_wide_beam_finds_the_exhaustive_best(model):
+    src = jnp.array([[5, EOS_ID]], jnp.int32)  # input length 2, so outputs have at most 2 + 1 tokens
+    max_extra, alpha = 1, 0.6
+    tokens = [t for t in range(CONFIG.vocab_size) if t not in (PAD_ID, BOS_ID, EOS_ID)]
+    candidates = [(EOS_ID,)]
+    candidates += [(a, EOS_ID) for a in tokens]
+    candidates += [(a, b, EOS_ID) for a, b in itertools.product(tokens, tokens)]  # the limit forces EOS
+    scored = {c: _sequence_log_prob(model, src, c) / float(length_penalty(jnp.array(len(c)), alpha)) for c in candidates}
+    best = max(scored, key=scored.get)
+    beams, scores = beam_search(model, src, beam_size=len(candidates), alpha=alpha, max_extra=max_extra)
+    found = tuple(int(t) for t in np.asarray(beams)[0, 0] if t != PAD_ID)
+    assert found == best
+    np.testing.assert_allclose(float(scores[0, 0]), scored[best], atol=1e-4)
+    # And the n-best list is sorted, best first.
+    assert (np.diff(np.asarray(scores)[0]) <= 1e-6).all()
+
+
+def test_padding_in_the_batch_does_not_change_translations(model):
+    alone = [np.asarray(beam_search(model, SRC[i : i + 1, : 5 - i * 2], 3, 0.6, 4)[0])[0, 0] for i in range(2)]
+    batch = np.asarray(beam_search(model, jnp.pad(SRC, ((0, 0), (0, 3))), 3, 0.6, 4)[0])[:, 0]
+    for i in range(2):
+        n = len(alone[i])
+        np.testing.assert_array_equal(batch[i, :n], alone[i])
+        assert (batch[i, n:] == PAD_ID).all()
+
+
+def test_language_model_greedy_generation_with_prefill():
+    lm = TransformerLM(CONFIG, rngs=nnx.Rngs(3))
+    prompt = jnp.array([[4, 5, 6]], jnp.int32)
+    out = np.asarray(generate(lm, prompt, max_new_tokens=4))[0]
+    seq = prompt
+    for t in out:
+        logits = np.array(lm(seq))[0, -1]
+        logits[[PAD_ID, BOS_ID]] = -np.inf
+        assert int(t) == int(logits.argmax())
+        if t == EOS_ID:
+            break
+        seq = jnp.concatenate([seq, jnp.array([[t]], jnp.int32)], axis=1)
+    # A left-padded prompt continues the same way.
+    padded = np.asarray(generate(lm, jnp.array([[PAD_ID, PAD_ID, 4, 5, 6]], jnp.int32), max_new_tokens=4))[0]
+    np.testing.assert_array_equal(padded, out)
+    # Sampling with top_k=1 is greedy; temperature sampling stays inside the vocabulary.
+    np.testing.assert_array_equal(np.asarray(generate(lm, prompt, 4, temperature=1.0, top_k=1, rngs=nnx.Rngs(sample=1)))[0], out)
+    sampled = np.asarray(generate(lm, prompt, 4, temperature=1.5, rngs=nnx.Rngs(sample=2)))
+    assert ((sampled >= 0) & (sampled < CONFIG.vocab_size)).all()

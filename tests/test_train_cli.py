@@ -1,0 +1,172 @@
+"""train.py end to end: resume after SIGKILL, SIGTERM, NaN, data sources, and one-line errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+FAST = ["--d_model", "16", "--d_ff", "32", "--h", "2", "--N", "1", "--synthetic_examples", "400",
+        "--batch_tokens", "256", "--log_every", "5", "--eval_every", "10", "--checkpoint_every", "10", "--quiet"]
+
+
+def _env(devices=1):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def train(*args, devices=1, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          env=_env(devices), timeout=timeout, cwd=ROOT)
+
+
+def _final_params(workdir):
+    from transformer.checkpoint import Checkpoints
+    from transformer.trainer import load_run_config
+    from transformer.training import create_train_state
+
+    model_config, train_config = load_run_config(str(workdir))
+    _, like, _ = create_train_state(model_config, train_config)
+    checkpoints = Checkpoints(str(workdir))
+    state, meta = checkpoints.restore(checkpoints.latest_step(), like)
+    checkpoints.close()
+    return state, meta
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    steps = ["--num_train_steps", "40", *FAST]
+    straight = train("--workdir", str(tmp_path / "a"), *steps)
+    assert straight.returncode == 0, straight.stderr
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path / "b"), *steps],
+                            env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "b" / "checkpoints" / "10").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = train("--workdir", str(tmp_path / "b"), *steps)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step" in resumed.stdout
+    a, meta_a = _final_params(tmp_path / "a")
+    b, meta_b = _final_params(tmp_path / "b")
+    assert meta_a == meta_b == {"data_position": 40, "step": 40}
+    import jax
+
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path),
+                             "--num_train_steps", "100000", *FAST],
+                            env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "checkpoints" / "10").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "SIGTERM: saved a checkpoint at step" in out + err
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] > 10 and saved[-1] < 100000
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = train("--workdir", str(tmp_path), "--num_train_steps", "50", *FAST, "--checkpoint_every", "1",
+                   "--lr_scale", "1e9", "--warmup_steps", "1")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "the loss became nan at step" in line or "the loss became inf at step" in line
+    bad_step = int(line.split(" at step ")[1].split(";")[0])
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] == bad_step - 1
+
+
+def _write_folder(root, n_de=6, n_en=6):
+    root.mkdir(exist_ok=True)
+    words = ["ein hund", "zwei katzen", "der mann", "die frau", "ein kind spielt", "das haus ist rot"]
+    english = ["a dog", "two cats", "the man", "the woman", "a child plays", "the house is red"]
+    for split in ("train", "validation"):
+        (root / f"de.{split}.txt").write_text("\n".join((words * 20)[:n_de * (10 if split == "train" else 1)]) + "\n")
+        (root / f"en.{split}.txt").write_text("\n".join((english * 20)[:n_en * (10 if split == "train" else 1)]) + "\n")
+
+
+def test_folder_dataset_trains_and_reports_bleu(tmp_path):
+    _write_folder(tmp_path / "data")
+    result = train("--workdir", str(tmp_path / "run"), "--dataset_dir", str(tmp_path / "data"), "--src_lang", "de",
+                   "--tgt_lang", "en", "--vocab_size", "40", "--num_train_steps", "10", "--beam_size", "2", *FAST)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "spm.model").exists()
+    assert "validation BLEU" in result.stdout and "nrefs:1" in result.stdout  # sacreBLEU's signature
+    assert (tmp_path / "run" / "curves.png").exists()
+    records = [l for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any('"split": "train"' in r for r in records) and any('"split": "validation"' in r for r in records)
+    assert list((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_tfds_dataset_through_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from transformer.config import TransformerConfig
+    from transformer.trainer import Trainer
+    from transformer.training import TrainConfig
+
+    model = TransformerConfig.tiny(d_model=16, d_ff=32, h=2, N=1, vocab_size=60)
+    train_config = TrainConfig(dataset="wmt14_translate/de-en", num_train_steps=3, batch_tokens=512, max_length=32,
+                               log_every=1, eval_every=3, checkpoint_every=3, eval_batches=1)
+    with tfds.testing.mock_data(num_examples=40):
+        trainer = Trainer(model, train_config, str(tmp_path), show_progress=False)
+        summary = trainer.run()
+    assert summary["step"] == 3 and np.isfinite(summary["validation"]["loss"])
+    assert len(trainer.corpus.train) == 40
+
+
+@pytest.mark.parametrize(
+    "args, devices, message",
+    [
+        (["--dataset", "wmt14_translate/de-en", "--tfds_data_dir", "{tmp}/tfds"], 1, "tfds build wmt14_translate/de-en"),
+        (["--no_such_field", "3"], 1, "unrecognized arguments: --no_such_field"),
+        (["--d_model", "30", "--h", "4"], 1, "d_model=30 is not divisible by h=4"),
+        (["--dropout_rate", "1.5"], 1, "dropout_rate must be in [0, 1)"),
+        (["--num_train_steps", "abc"], 1, "invalid int value"),
+        (["--workdir", "/proc/forbidden/run"], 1, "cannot write to work dir"),
+        (["--batch_tokens", "40", "--max_length", "16"], 8, "8 devices cannot divide"),
+        (["--dataset_dir", "{tmp}/uneven", "--src_lang", "de", "--tgt_lang", "en"], 1, "differ in length"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_code_2(tmp_path, args, devices, message):
+    _write_folder(tmp_path / "uneven", n_de=6, n_en=5)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--workdir" not in args:
+        args = ["--workdir", str(tmp_path / "run"), *args]
+    result = train(*args, devices=devices, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.strip().splitlines() if l.startswith("train.py")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_short_multi30k_run_lowers_validation_loss(tmp_path, multi30k_dir):
+    from transformer.config import TransformerConfig
+    from transformer.trainer import Trainer
+    from transformer.training import TrainConfig
+
+    model = TransformerConfig.tiny(d_model=64, d_ff=128, h=4, N=1, dropout_rate=0.1, vocab_size=1000)
+    config = TrainConfig(dataset_dir=str(multi30k_dir), src_lang="de", tgt_lang="en", num_train_steps=60,
+                         batch_tokens=2048, max_length=48, warmup_steps=30, lr_scale=2.0, log_every=20,
+                         eval_every=60, checkpoint_every=60, eval_batches=10)
+    trainer = Trainer(model, config, str(tmp_path), show_progress=False)
+    before = trainer.evaluate(trainer.state.params, max_batches=10)
+    summary = trainer.run()
+    after = summary["validation"]
+    assert after["loss"] < before["loss"] - 0.5, (before, after)
