@@ -111,3 +111,10 @@ def test_language_model_greedy_generation_with_prefill():
     np.testing.assert_array_equal(np.asarray(generate(lm, prompt, 4, temperature=1.0, top_k=1, rngs=nnx.Rngs(sample=1)))[0], out)
     sampled = np.asarray(generate(lm, prompt, 4, temperature=1.5, rngs=nnx.Rngs(sample=2)))
     assert ((sampled >= 0) & (sampled < CONFIG.vocab_size)).all()
+
+
+def test_uncached_greedy_equals_cached_greedy(model):
+    from transformer.decoding import greedy_decode_uncached
+
+    cached, _ = greedy_decode(model, SRC, max_extra=5)
+    np.testing.assert_array_equal(np.asarray(greedy_decode_uncached(model, SRC, max_extra=5)), np.asarray(cached))

@@ -104,7 +104,8 @@ def _write_folder(root, n_de=6, n_en=6):
 def test_folder_dataset_trains_and_reports_bleu(tmp_path):
     _write_folder(tmp_path / "data")
     result = train("--workdir", str(tmp_path / "run"), "--dataset_dir", str(tmp_path / "data"), "--src_lang", "de",
-                   "--tgt_lang", "en", "--vocab_size", "40", "--num_train_steps", "10", "--beam_size", "2", *FAST)
+                   "--tgt_lang", "en", "--vocab_size", "40", "--num_train_steps", "10", "--beam_size", "2", *FAST,
+                   "--checkpoint_every", "5")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run" / "spm.model").exists()
     assert "validation BLEU" in result.stdout and "nrefs:1" in result.stdout  # sacreBLEU's signature
@@ -112,6 +113,15 @@ def test_folder_dataset_trains_and_reports_bleu(tmp_path):
     records = [l for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any('"split": "train"' in r for r in records) and any('"split": "validation"' in r for r in records)
     assert list((tmp_path / "run" / "tensorboard").iterdir())
+    # The translate command: a file in, translations out, BLEU against a reference, averaged checkpoints.
+    translated = subprocess.run(
+        [sys.executable, str(ROOT / "translate.py"), "--workdir", str(tmp_path / "run"), "--input",
+         str(tmp_path / "data" / "de.validation.txt"), "--reference", str(tmp_path / "data" / "en.validation.txt"),
+         "--average_last", "2"], capture_output=True, text=True, env=_env(), timeout=120, cwd=ROOT)
+    assert translated.returncode == 0, translated.stderr
+    assert len(translated.stdout.splitlines()) == 6
+    assert "checkpoint step(s) [5, 10]" in translated.stderr and "BLEU" in translated.stderr
+    assert "nrefs:1" in translated.stderr
 
 
 def test_tfds_dataset_through_mock_data(tmp_path):

@@ -42,3 +42,33 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def average_states(states: list) -> Any:
+    """§6.1: the element-wise mean of several checkpoints' parameters ("we used a single model
+    obtained by averaging the last 5 checkpoints", 20 for big). The step, optimizer state and random
+    key are those of the last one."""
+    if not states:
+        raise ValueError("no checkpoints to average")
+    mean = jax.tree.map(lambda *xs: np.mean(np.stack([np.asarray(x, np.float64) for x in xs]), axis=0).astype(xs[0].dtype),
+                        *[s.params for s in states])
+    return states[-1].replace(params=mean)
+
+
+def load_params(workdir: str, like: Any, average_last: int = 1, step: int | None = None) -> tuple[Any, list[int]]:
+    """Parameters of a run's checkpoint at `step` (default the latest), or the average of its last
+    `average_last` checkpoints. Returns (train state, the steps used)."""
+    checkpoints = Checkpoints(workdir, keep=10**9)
+    try:
+        steps = checkpoints.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints in {checkpoints.directory}")
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(f"no checkpoint of step {step} in {checkpoints.directory} (have {steps})")
+            steps = [s for s in steps if s <= step]
+        used = steps[-average_last:]
+        states = [checkpoints.restore(s, like)[0] for s in used]
+    finally:
+        checkpoints.close()
+    return average_states(states), used

@@ -223,3 +223,35 @@ def translate_batches(model, tokenizer, texts, beam_size: int = 4, alpha: float 
         for row, i in enumerate(members):
             out[i] = tokenizer.decode(hyps[row])
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_extra"))
+def _greedy_uncached(graphdef, params, src, max_extra: int):
+    model = nnx.merge(graphdef, params)
+    batch, max_len = src.shape[0], src.shape[1] + max_extra
+    limits = _output_limits(src, max_extra, model.config.pad_id)
+    tokens = jnp.full((batch, max_len + 1), PAD_ID, jnp.int32).at[:, 0].set(BOS_ID)
+
+    def cond(carry):
+        i, _, finished = carry
+        return (i < max_len) & ~finished.all()
+
+    def body(carry):
+        i, tokens, finished = carry
+        # The whole prefix again every step (later slots hold padding, which the causal mask ignores).
+        logits = model(src, tokens[:, :max_len])
+        log_p = _never_generate(jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False).astype(jnp.float32))
+        next_token = jnp.where(i + 1 >= limits, EOS_ID, log_p.argmax(-1))
+        next_token = jnp.where(finished, PAD_ID, next_token)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, next_token[:, None], i + 1, axis=1)
+        return i + 1, tokens, finished | (next_token == EOS_ID)
+
+    _, tokens, _ = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), tokens, jnp.zeros((batch,), bool)))
+    return tokens[:, 1:]
+
+
+def greedy_decode_uncached(model, src: Int[Array, "b s"], max_extra: int = 50) -> Int[Array, "b l"]:
+    """Greedy decoding without the cache (a full decoder pass over the prefix at every step): the
+    baseline that the cache is measured against, and a check of it."""
+    graphdef, params = nnx.split(model)
+    return _greedy_uncached(graphdef, params, jnp.asarray(src, jnp.int32), max_extra)

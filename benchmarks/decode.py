@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Decoding speed: generated tokens per second for greedy (with and without the KV cache) and beam 4
+(with the cache), at a few output lengths. Prints a table and writes JSON.
+
+    python benchmarks/decode.py [--config tiny|base|big] [--batch 32] [--lengths 16 32 64] [--out FILE]
+
+The model is randomly initialised and EOS is never chosen (its logit is masked off by forcing the
+output length), so every sequence runs to the requested length: timings measure the decoder, not
+when an untrained model happens to stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from transformer import Transformer, TransformerConfig
+    from transformer.decoding import beam_search, greedy_decode, greedy_decode_uncached
+    from transformer.tokenizer import EOS_ID
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="tiny", choices=["tiny", "base", "big"])
+    parser.add_argument("--vocab_size", type=int, default=8000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--src_len", type=int, default=16)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "decode_results.json"))
+    args = parser.parse_args()
+
+    config = TransformerConfig.preset(args.config, vocab_size=args.vocab_size, dtype=args.dtype, max_len=1024)
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    # Make EOS impossible so every output has exactly the requested length.
+    E = model.src_embed.token_embedding.embedding
+    E[...] = E[...].at[EOS_ID].set(-100.0 * jnp.sign(E[...].sum(0)))
+    src = jnp.asarray(np.random.default_rng(0).integers(4, args.vocab_size, (args.batch, args.src_len)), jnp.int32)
+    src = src.at[:, -1].set(EOS_ID)
+    methods = {
+        "greedy (cache)": lambda n: greedy_decode(model, src, n - args.src_len)[0],
+        "greedy (no cache)": lambda n: greedy_decode_uncached(model, src, n - args.src_len),
+        "beam 4 (cache)": lambda n: beam_search(model, src, 4, 0.6, n - args.src_len)[0],
+    }
+    rows = []
+    for length in args.lengths:
+        if length <= args.src_len:
+            continue
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(length))
+            compile_s = time.perf_counter() - start
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                jax.block_until_ready(fn(length))
+                times.append(time.perf_counter() - start)
+            median = statistics.median(times)
+            tokens = args.batch * (length)
+            rows.append({"method": name, "output_len": length, "batch": args.batch, "median_s": median,
+                         "first_call_s": compile_s, "tokens_per_s": tokens / median})
+    device = jax.devices()[0]
+    meta = {"device": f"{device.platform} {device.device_kind}", "host": platform.processor() or platform.machine(),
+            "config": args.config, "d_model": config.d_model, "N": config.N, "vocab": args.vocab_size,
+            "dtype": args.dtype, "src_len": args.src_len, "date": time.strftime("%Y-%m-%d"),
+            "command": "python " + " ".join(sys.argv)}
+    print(f"# decoding, {meta['device']}, {args.config} (d_model {config.d_model}, N {config.N}), batch {args.batch}, "
+          f"source length {args.src_len}, {args.dtype}")
+    print(f"| method | output length | median s | output tokens/s |")
+    print(f"| --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['method']} | {r['output_len']} | {r['median_s']:.4f} | {r['tokens_per_s']:.0f} |")
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
