@@ -29,12 +29,16 @@ def main():
     from flax import nnx
 
     from transformer import Transformer, TransformerConfig
-    from transformer.decoding import beam_search, greedy_decode, greedy_decode_uncached
+    from transformer.decoding import beam_search, greedy_decode
     from transformer.tokenizer import EOS_ID
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="tiny", choices=["tiny", "base", "big"])
     parser.add_argument("--vocab_size", type=int, default=8000)
+    parser.add_argument("--d_model", type=int, default=None)
+    parser.add_argument("--d_ff", type=int, default=None)
+    parser.add_argument("--h", type=int, default=None)
+    parser.add_argument("--N", type=int, default=None)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--src_len", type=int, default=16)
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 32, 64])
@@ -43,16 +47,19 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "decode_results.json"))
     args = parser.parse_args()
 
-    config = TransformerConfig.preset(args.config, vocab_size=args.vocab_size, dtype=args.dtype, max_len=1024)
+    sizes = {k: getattr(args, k) for k in ("d_model", "d_ff", "h", "N") if getattr(args, k) is not None}
+    config = TransformerConfig.preset(args.config, vocab_size=args.vocab_size, dtype=args.dtype, max_len=1024, **sizes)
     model = Transformer(config, rngs=nnx.Rngs(0))
-    # Make EOS impossible so every output has exactly the requested length.
+    # A zero EOS embedding gives EOS the logit 0 while thousands of other tokens score above it, so
+    # outputs run to the length limit; the measured lengths are checked and reported below.
     E = model.src_embed.token_embedding.embedding
-    E[...] = E[...].at[EOS_ID].set(-100.0 * jnp.sign(E[...].sum(0)))
+    E[...] = E[...].at[EOS_ID].set(0.0)
     src = jnp.asarray(np.random.default_rng(0).integers(4, args.vocab_size, (args.batch, args.src_len)), jnp.int32)
     src = src.at[:, -1].set(EOS_ID)
     methods = {
         "greedy (cache)": lambda n: greedy_decode(model, src, n - args.src_len)[0],
-        "greedy (no cache)": lambda n: greedy_decode_uncached(model, src, n - args.src_len),
+        "greedy (no cache)": lambda n: greedy_decode(model, src, n - args.src_len, use_cache=False)[0],
+        "beam 4 (no cache)": lambda n: beam_search(model, src, 4, 0.6, n - args.src_len, use_cache=False)[0],
         "beam 4 (cache)": lambda n: beam_search(model, src, 4, 0.6, n - args.src_len)[0],
     }
     rows = []
@@ -61,28 +68,33 @@ def main():
             continue
         for name, fn in methods.items():
             start = time.perf_counter()
-            jax.block_until_ready(fn(length))
+            out = np.asarray(jax.block_until_ready(fn(length)))
             compile_s = time.perf_counter() - start
+            out = out[:, 0] if out.ndim == 3 else out  # beams: the best hypothesis
+            generated = float(np.mean([(list(r).index(EOS_ID) + 1) if EOS_ID in r else len(r) for r in out]))
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 jax.block_until_ready(fn(length))
                 times.append(time.perf_counter() - start)
             median = statistics.median(times)
-            tokens = args.batch * (length)
-            rows.append({"method": name, "output_len": length, "batch": args.batch, "median_s": median,
+            tokens = args.batch * generated  # output tokens of the best hypotheses, EOS included
+            rows.append({"method": name, "output_len": length, "batch": args.batch, "median_s": median, "mean_output_len": generated,
                          "first_call_s": compile_s, "tokens_per_s": tokens / median})
+            print(f"  {name:18s} length {length:4d} (generated {generated:.1f}): {median:.4f} s, "
+                  f"{tokens / median:.0f} tokens/s", flush=True)
     device = jax.devices()[0]
     meta = {"device": f"{device.platform} {device.device_kind}", "host": platform.processor() or platform.machine(),
             "config": args.config, "d_model": config.d_model, "N": config.N, "vocab": args.vocab_size,
             "dtype": args.dtype, "src_len": args.src_len, "date": time.strftime("%Y-%m-%d"),
             "command": "python " + " ".join(sys.argv)}
+    print(f"# {meta['date']}: {meta['command']}")
     print(f"# decoding, {meta['device']}, {args.config} (d_model {config.d_model}, N {config.N}), batch {args.batch}, "
           f"source length {args.src_len}, {args.dtype}")
-    print(f"| method | output length | median s | output tokens/s |")
-    print(f"| --- | --- | --- | --- |")
+    print("| method | length limit | mean output length | median s | output tokens/s |")
+    print("| --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['method']} | {r['output_len']} | {r['median_s']:.4f} | {r['tokens_per_s']:.0f} |")
+        print(f"| {r['method']} | {r['output_len']} | {r['mean_output_len']:.1f} | {r['median_s']:.4f} | {r['tokens_per_s']:.0f} |")
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
 

@@ -113,8 +113,13 @@ def test_language_model_greedy_generation_with_prefill():
     assert ((sampled >= 0) & (sampled < CONFIG.vocab_size)).all()
 
 
-def test_uncached_greedy_equals_cached_greedy(model):
-    from transformer.decoding import greedy_decode_uncached
 
-    cached, _ = greedy_decode(model, SRC, max_extra=5)
-    np.testing.assert_array_equal(np.asarray(greedy_decode_uncached(model, SRC, max_extra=5)), np.asarray(cached))
+def test_decoding_without_the_cache_gives_the_same_outputs(model):
+    cached, cached_lp = greedy_decode(model, SRC, max_extra=5)
+    uncached, uncached_lp = greedy_decode(model, SRC, max_extra=5, use_cache=False)
+    np.testing.assert_array_equal(np.asarray(uncached), np.asarray(cached))
+    np.testing.assert_allclose(np.asarray(uncached_lp), np.asarray(cached_lp), atol=1e-4)
+    beams, scores = beam_search(model, SRC, 3, 0.6, 4)
+    beams_nc, scores_nc = beam_search(model, SRC, 3, 0.6, 4, use_cache=False)
+    np.testing.assert_array_equal(np.asarray(beams_nc), np.asarray(beams))
+    np.testing.assert_allclose(np.asarray(scores_nc), np.asarray(scores), atol=1e-4)

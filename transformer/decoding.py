@@ -33,42 +33,61 @@ def _output_limits(src: jax.Array, max_extra: int, pad_id: int) -> jax.Array:
     return (src != pad_id).sum(axis=1) + max_extra
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_extra"))
-def _greedy(graphdef, params, src, max_extra: int):
-    model = nnx.merge(graphdef, params)
-    pad_id = model.config.pad_id
-    batch, max_len = src.shape[0], src.shape[1] + max_extra
-    limits = _output_limits(src, max_extra, pad_id)
+def _start_decoder(model, src, max_len: int, use_cache: bool):
+    """What the decode loop carries: the encoder output, and the per-layer KV cache if used."""
     memory = model.encode(src)
-    cache = model.init_cache(memory, max_len)
+    return memory, (model.init_cache(memory, max_len) if use_cache else None)
+
+
+def _next_log_probs(model, src, tokens, i, carried, use_cache: bool):
+    """log P(next token | tokens[:, :i+1]) for every row, and the updated carry.
+
+    With the cache only the newest token runs through the decoder; without it the decoder runs over
+    the whole prefix buffer again (later slots hold padding, which the causal mask ignores).
+    """
+    memory, cache = carried
+    if use_cache:
+        logits, cache = model.decode_step(jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1), src, cache, i)
+        logits = logits[:, 0]
+    else:
+        logits = jax.lax.dynamic_index_in_dim(model.decode(memory, src, tokens[:, :-1]), i, axis=1, keepdims=False)
+    return _never_generate(jax.nn.log_softmax(logits.astype(jnp.float32))), (memory, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_extra", "use_cache"))
+def _greedy(graphdef, params, src, max_extra: int, use_cache: bool):
+    model = nnx.merge(graphdef, params)
+    batch, max_len = src.shape[0], src.shape[1] + max_extra
+    limits = _output_limits(src, max_extra, model.config.pad_id)
     tokens = jnp.full((batch, max_len + 1), PAD_ID, jnp.int32).at[:, 0].set(BOS_ID)
-    log_prob = jnp.zeros((batch,), jnp.float32)
 
     def cond(carry):
         i, _, _, finished, _ = carry
         return (i < max_len) & ~finished.all()
 
     def body(carry):
-        i, tokens, cache, finished, log_prob = carry
-        logits, cache = model.decode_step(jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1), src, cache, i)
-        log_p = _never_generate(jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)))
-        at_limit = i + 1 >= limits
-        next_token = jnp.where(at_limit, EOS_ID, log_p.argmax(-1))
+        i, tokens, carried, finished, log_prob = carry
+        log_p, carried = _next_log_probs(model, src, tokens, i, carried, use_cache)
+        next_token = jnp.where(i + 1 >= limits, EOS_ID, log_p.argmax(-1))
         log_prob = log_prob + jnp.where(finished, 0.0, jnp.take_along_axis(log_p, next_token[:, None], 1)[:, 0])
         next_token = jnp.where(finished, PAD_ID, next_token)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, next_token[:, None], i + 1, axis=1)
-        return i + 1, tokens, cache, finished | (next_token == EOS_ID), log_prob
+        return i + 1, tokens, carried, finished | (next_token == EOS_ID), log_prob
 
-    init = (jnp.zeros((), jnp.int32), tokens, cache, jnp.zeros((batch,), bool), log_prob)
+    init = (jnp.zeros((), jnp.int32), tokens, _start_decoder(model, src, max_len, use_cache),
+            jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.float32))
     _, tokens, _, _, log_prob = jax.lax.while_loop(cond, body, init)
     return tokens[:, 1:], log_prob
 
 
-def greedy_decode(model, src: Int[Array, "b s"], max_extra: int = 50) -> tuple[Int[Array, "b l"], Float[Array, "b"]]:
+def greedy_decode(
+    model, src: Int[Array, "b s"], max_extra: int = 50, use_cache: bool = True
+) -> tuple[Int[Array, "b l"], Float[Array, "b"]]:
     """The most likely next token at every step. Returns tokens [b, s + max_extra] (EOS, then
-    padding, after the end) and each sequence's log-probability."""
+    padding, after the end) and each sequence's log-probability. use_cache=False recomputes the
+    decoder over the prefix at every step (the baseline the cache is measured against)."""
     graphdef, params = nnx.split(model)
-    return _greedy(graphdef, params, jnp.asarray(src, jnp.int32), max_extra)
+    return _greedy(graphdef, params, jnp.asarray(src, jnp.int32), max_extra, use_cache)
 
 
 def _gather_beams(x: jax.Array, parents: jax.Array) -> jax.Array:
@@ -76,16 +95,14 @@ def _gather_beams(x: jax.Array, parents: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, parents.reshape(*parents.shape, *([1] * (x.ndim - 2))), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "beam", "alpha", "max_extra"))
-def _beam_search(graphdef, params, src, beam: int, alpha: float, max_extra: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "beam", "alpha", "max_extra", "use_cache"))
+def _beam_search(graphdef, params, src, beam: int, alpha: float, max_extra: int, use_cache: bool):
     model = nnx.merge(graphdef, params)
     pad_id = model.config.pad_id
     batch, max_len = src.shape[0], src.shape[1] + max_extra
     vocab = model.config.vocab_size
     limits = jnp.repeat(_output_limits(src, max_extra, pad_id), beam)  # [b·k]
     flat_src = jnp.repeat(src, beam, axis=0)  # beams of one input are adjacent: [b·k, s]
-    memory = model.encode(flat_src)
-    cache = model.init_cache(memory, max_len)
     seqs = jnp.full((batch, beam, max_len + 1), PAD_ID, jnp.int32).at[:, :, 0].set(BOS_ID)
     # Only the first beam is live at the start, so the k beams do not all repeat one hypothesis.
     scores = jnp.full((batch, beam), NEG_INF).at[:, 0].set(0.0)  # log P of each hypothesis
@@ -97,10 +114,10 @@ def _beam_search(graphdef, params, src, beam: int, alpha: float, max_extra: int)
         return (i < max_len) & ~finished.all()
 
     def body(carry):
-        i, seqs, cache, scores, lengths, finished = carry
-        last = jax.lax.dynamic_slice_in_dim(seqs, i, 1, axis=2).reshape(batch * beam, 1)
-        logits, cache = model.decode_step(last, flat_src, cache, i)
-        log_p = _never_generate(jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)))  # [b·k, V]
+        i, seqs, carried, scores, lengths, finished = carry
+        log_p, (memory, cache) = _next_log_probs(
+            model, flat_src, seqs.reshape(batch * beam, -1), i, carried, use_cache
+        )  # [b·k, V]
         at_limit = (i + 1 >= limits)[:, None]
         log_p = jnp.where(at_limit & (jnp.arange(vocab) != EOS_ID)[None, :], NEG_INF, log_p).reshape(batch, beam, vocab)
         # A live hypothesis extends by any token; a finished one only "extends" by padding, unchanged.
@@ -118,13 +135,16 @@ def _beam_search(graphdef, params, src, beam: int, alpha: float, max_extra: int)
         was_finished = _gather_beams(finished, parents)
         lengths = jnp.where(was_finished, _gather_beams(lengths, parents), i + 1)
         finished = was_finished | (tokens == EOS_ID) | (scores <= NEG_INF / 2)
-        flat_parents = (parents + beam * jnp.arange(batch)[:, None]).reshape(-1)
-        cache = [
-            {name: (a if name.startswith("cross") else a[flat_parents]) for name, a in layer.items()} for layer in cache
-        ]
-        return i + 1, seqs, cache, scores, lengths, finished
+        if cache is not None:  # each surviving hypothesis takes its parent's keys/values
+            flat_parents = (parents + beam * jnp.arange(batch)[:, None]).reshape(-1)
+            cache = [
+                {name: (a if name.startswith("cross") else a[flat_parents]) for name, a in layer.items()}
+                for layer in cache
+            ]
+        return i + 1, seqs, (memory, cache), scores, lengths, finished
 
-    init = (jnp.zeros((), jnp.int32), seqs, cache, scores, lengths, finished)
+    carried = _start_decoder(model, flat_src, max_len, use_cache)
+    init = (jnp.zeros((), jnp.int32), seqs, carried, scores, lengths, finished)
     _, seqs, _, scores, lengths, _ = jax.lax.while_loop(cond, body, init)
     normalized = scores / length_penalty(lengths, alpha)
     order = jnp.argsort(-normalized, axis=1)
@@ -133,12 +153,13 @@ def _beam_search(graphdef, params, src, beam: int, alpha: float, max_extra: int)
 
 
 def beam_search(
-    model, src: Int[Array, "b s"], beam_size: int = 4, alpha: float = 0.6, max_extra: int = 50
+    model, src: Int[Array, "b s"], beam_size: int = 4, alpha: float = 0.6, max_extra: int = 50,
+    use_cache: bool = True,
 ) -> tuple[Int[Array, "b k l"], Float[Array, "b k"]]:
     """§6.1 beam search. Returns the beam_size best hypotheses per input, best first ([b, k, l],
     EOS then padding after each end), and their scores log P(Y) / lp(Y)."""
     graphdef, params = nnx.split(model)
-    return _beam_search(graphdef, params, jnp.asarray(src, jnp.int32), beam_size, float(alpha), max_extra)
+    return _beam_search(graphdef, params, jnp.asarray(src, jnp.int32), beam_size, float(alpha), max_extra, use_cache)
 
 
 def translate(model, src, beam_size: int = 4, alpha: float = 0.6, max_extra: int = 50) -> Int[Array, "b l"]:
@@ -224,34 +245,3 @@ def translate_batches(model, tokenizer, texts, beam_size: int = 4, alpha: float 
             out[i] = tokenizer.decode(hyps[row])
     return out
 
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_extra"))
-def _greedy_uncached(graphdef, params, src, max_extra: int):
-    model = nnx.merge(graphdef, params)
-    batch, max_len = src.shape[0], src.shape[1] + max_extra
-    limits = _output_limits(src, max_extra, model.config.pad_id)
-    tokens = jnp.full((batch, max_len + 1), PAD_ID, jnp.int32).at[:, 0].set(BOS_ID)
-
-    def cond(carry):
-        i, _, finished = carry
-        return (i < max_len) & ~finished.all()
-
-    def body(carry):
-        i, tokens, finished = carry
-        # The whole prefix again every step (later slots hold padding, which the causal mask ignores).
-        logits = model(src, tokens[:, :max_len])
-        log_p = _never_generate(jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False).astype(jnp.float32))
-        next_token = jnp.where(i + 1 >= limits, EOS_ID, log_p.argmax(-1))
-        next_token = jnp.where(finished, PAD_ID, next_token)
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, next_token[:, None], i + 1, axis=1)
-        return i + 1, tokens, finished | (next_token == EOS_ID)
-
-    _, tokens, _ = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), tokens, jnp.zeros((batch,), bool)))
-    return tokens[:, 1:]
-
-
-def greedy_decode_uncached(model, src: Int[Array, "b s"], max_extra: int = 50) -> Int[Array, "b l"]:
-    """Greedy decoding without the cache (a full decoder pass over the prefix at every step): the
-    baseline that the cache is measured against, and a check of it."""
-    graphdef, params = nnx.split(model)
-    return _greedy_uncached(graphdef, params, jnp.asarray(src, jnp.int32), max_extra)

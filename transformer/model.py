@@ -102,10 +102,27 @@ class Transformer(nnx.Module):
         if (src_segments is None) != (tgt_segments is None):
             raise ValueError("pass both src_segments and tgt_segments (packed rows) or neither")
         run = dict(deterministic=deterministic, rngs=rngs)
+        memory = self.encode(src_tokens, src_positions, src_segments, **run)
+        return self.decode(memory, src_tokens, tgt_in_tokens, tgt_positions=tgt_positions,
+                           src_segments=src_segments, tgt_segments=tgt_segments, **run)
+
+    def decode(
+        self,
+        memory: Float[Array, "b s m"],
+        src_tokens: Int[Array, "b s"],
+        tgt_in_tokens: Int[Array, "b t"],
+        *,
+        tgt_positions: Int[Array, "b t"] | None = None,
+        src_segments: Int[Array, "b s"] | None = None,
+        tgt_segments: Int[Array, "b t"] | None = None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> Float[Array, "b t v"]:
+        """The decoder over the whole target prefix, given the encoder output (no cache)."""
+        run = dict(deterministic=deterministic, rngs=rngs)
         _, dec_self_mask, cross_mask = attention_masks(
             src_tokens, tgt_in_tokens, self.config.pad_id, src_segments, tgt_segments
         )
-        memory = self.encode(src_tokens, src_positions, src_segments, **run)
         y = self.tgt_embed(tgt_in_tokens, tgt_positions, **run)
         y, _ = self.decoder(y, memory, dec_self_mask, cross_mask, **run)
         return self.logits(y)

@@ -1,0 +1,55 @@
+"""Model FLOPs of the encoder-decoder, for throughput and MFU figures.
+
+Every matrix multiply counts 2 FLOPs per multiply-add. For one example with source length S,
+target length T, d = d_model, V = vocabulary, per layer:
+
+  encoder:  4·2·S·d²  (W^Q, W^K, W^V, W^O)  +  2·2·S²·d  (Q·Kᵀ and weights·V)  +  2·2·S·d·d_ff  (FFN)
+  decoder:  4·2·T·d² + 2·2·T²·d              (masked self-attention, computed in full)
+          + 2·2·T·d² + 2·2·S·d²              (cross-attention: W^Q, W^O on targets; W^K, W^V on sources)
+          + 2·2·T·S·d                         (cross-attention scores and weighted sum)
+          + 2·2·T·d·d_ff                      (FFN)
+  output:   2·T·d·V                           (pre-softmax projection)
+
+Training is counted as 3× the forward pass (the backward pass costs two matrix multiplies per
+forward one). Embedding look-ups, softmax, LayerNorm and the optimizer are not matrix multiplies
+and are left out, as is usual for MFU.
+"""
+
+from __future__ import annotations
+
+from transformer.config import TransformerConfig
+
+# Peak dense matrix throughput (FLOP/s) of known devices, per compute dtype.
+# float32 matrix multiplies run as TF32 on NVIDIA tensor cores (XLA's default precision there).
+PEAK_FLOPS = {
+    "H100": {"bfloat16": 989e12, "float32": 494e12},
+    "H200": {"bfloat16": 989e12, "float32": 494e12},
+    "A100": {"bfloat16": 312e12, "float32": 156e12},
+    "V100": {"bfloat16": 125e12, "float32": 15.7e12},
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+    "TPU v5e": {"bfloat16": 197e12, "float32": 197e12},
+}
+
+
+def forward_flops(config: TransformerConfig, batch: int, src_len: int, tgt_len: int) -> float:
+    """Matrix-multiply FLOPs of one forward pass over [batch, src_len] sources, [batch, tgt_len] targets."""
+    d, d_ff, S, T = config.d_model, config.d_ff, src_len, tgt_len
+    encoder = 4 * 2 * S * d * d + 2 * 2 * S * S * d + 2 * 2 * S * d * d_ff
+    decoder = (4 * 2 * T * d * d + 2 * 2 * T * T * d
+               + 2 * 2 * T * d * d + 2 * 2 * S * d * d + 2 * 2 * T * S * d
+               + 2 * 2 * T * d * d_ff)
+    output = 2 * T * d * config.vocab_size
+    return float(batch * (config.N * (encoder + decoder) + output))
+
+
+def train_flops(config: TransformerConfig, batch: int, src_len: int, tgt_len: int) -> float:
+    """Forward + backward: 3× the forward FLOPs."""
+    return 3.0 * forward_flops(config, batch, src_len, tgt_len)
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+    """The peak of a known device (matched by name, e.g. "NVIDIA H100 80GB HBM3"), else None."""
+    for name, peaks in PEAK_FLOPS.items():
+        if name.lower() in device_kind.lower():
+            return peaks.get(dtype)
+    return None
