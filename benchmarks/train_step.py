@@ -75,7 +75,7 @@ def peak_memory(device) -> float | None:
 def bench_ours(config, rows, length, devices, rng_impl, warmup, steps):
     train_config = TrainConfig(rng_impl=rng_impl)
     graphdef, state, tx = create_train_state(config, train_config)
-    train, evaluate = compile_steps(graphdef, tx, config, train_config, len(devices))
+    train, _ = compile_steps(graphdef, tx, config, train_config, len(devices))
     batch = synthetic_batch(rows, length, config.vocab_size)
     if len(devices) > 1:
         from transformer.data import put_on_devices, replicate_on_devices, shard_for_devices
@@ -91,8 +91,14 @@ def bench_ours(config, rows, length, devices, rng_impl, warmup, steps):
         return metrics
 
     first, median = timed(step, warmup, steps)
+    # Inference: the model's forward pass to logits, as for the baselines (no loss).
+    from flax import nnx
+
     params = holder["state"].params
-    _, forward_median = timed(lambda: evaluate(params, batch), warmup, steps)
+    forward = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b["src"], b["tgt_in"]))
+    if len(devices) > 1:
+        forward = jax.pmap(lambda p, b: nnx.merge(graphdef, p)(b["src"], b["tgt_in"]))
+    _, forward_median = timed(lambda: forward(params, batch), warmup, steps)
     return first, median, forward_median
 
 

@@ -8,7 +8,7 @@ from transformer.flops import forward_flops, peak_flops
 
 def test_flop_formula_matches_xla_cost_analysis():
     # No padding, no masks that XLA could skip: the formula's matrix multiplies are all XLA does.
-    config = TransformerConfig.tiny(vocab_size=40, d_model=24, d_ff=56, h=3, N=2)
+    config = TransformerConfig.tiny(vocab_size=300, d_model=96, d_ff=200, h=3, N=2)
     model = Transformer(config, rngs=nnx.Rngs(0))
     b, s, t = 2, 7, 5
     src, tgt = jnp.ones((b, s), jnp.int32), jnp.ones((b, t), jnp.int32)
@@ -17,8 +17,9 @@ def test_flop_formula_matches_xla_cost_analysis():
     cost = forward.lower(params, src, tgt).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     formula = forward_flops(config, b, s, t)
-    # XLA also counts element-wise work (softmax, LayerNorm, ReLU…), a few percent at this size.
-    assert formula <= cost["flops"] <= 1.25 * formula, (formula, cost["flops"])
+    # XLA also counts element-wise work (softmax, LayerNorm, ReLU…), a few percent at this size;
+    # a missing or doubled matrix multiply would be off by far more.
+    assert formula <= cost["flops"] <= 1.1 * formula, (formula, cost["flops"])
 
 
 def test_hand_count_for_one_layer():

@@ -122,6 +122,16 @@ def test_folder_dataset_trains_and_reports_bleu(tmp_path):
     assert len(translated.stdout.splitlines()) == 6
     assert "checkpoint step(s) [5, 10]" in translated.stderr and "BLEU" in translated.stderr
     assert "nrefs:1" in translated.stderr
+    # The same average written as a new work dir translates the same way.
+    averaged = subprocess.run([sys.executable, str(ROOT / "average_checkpoints.py"), "--workdir", str(tmp_path / "run"),
+                               "--last", "2", "--output", str(tmp_path / "avg")],
+                              capture_output=True, text=True, env=_env(), timeout=120, cwd=ROOT)
+    assert averaged.returncode == 0, averaged.stderr
+    again = subprocess.run([sys.executable, str(ROOT / "translate.py"), "--workdir", str(tmp_path / "avg"), "--input",
+                            str(tmp_path / "data" / "de.validation.txt")],
+                           capture_output=True, text=True, env=_env(), timeout=120, cwd=ROOT)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == translated.stdout
 
 
 def test_tfds_dataset_through_mock_data(tmp_path):

@@ -16,6 +16,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from transformer.config import TransformerConfig
+from transformer.dropout import Dropout
 
 
 def scaled_dot_product_attention(
@@ -79,7 +80,7 @@ class MultiHeadAttention(nnx.Module):
         self.w_k = nnx.Param(qkv_init(rngs.params(), (d_model, h, d_k), jnp.float32))
         self.w_v = nnx.Param(qkv_init(rngs.params(), (d_model, h, d_v), jnp.float32))
         self.w_o = nnx.Param(_projection_init(in_axis=(0, 1), out_axis=2)(rngs.params(), (h, d_v, d_model), jnp.float32))
-        self.weights_dropout = nnx.Dropout(config.attention_dropout_rate)
+        self.weights_dropout = Dropout(config.attention_dropout_rate)
 
     def project_query(self, x: Float[Array, "b q m"]) -> Float[Array, "b q h d"]:
         """Q·W_i^Q for every head i."""

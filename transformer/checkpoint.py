@@ -72,3 +72,24 @@ def load_params(workdir: str, like: Any, average_last: int = 1, step: int | None
     finally:
         checkpoints.close()
     return average_states(states), used
+
+
+def average_into(workdir: str, out_dir: str, last: int, like: Any) -> list[int]:
+    """Write a new work dir `out_dir` whose one checkpoint is the average of the last `last`
+    checkpoints of `workdir` (with its config and tokenizer), ready for translate.py."""
+    import shutil
+
+    state, used = load_params(workdir, like, average_last=last)
+    if os.path.abspath(out_dir) == os.path.abspath(workdir):
+        raise ValueError("the averaged checkpoint must go to a new folder, not the run's own work dir")
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(workdir):
+        if name == "config.json" or name.startswith(("spm.", "chars.")):
+            shutil.copy(os.path.join(workdir, name), os.path.join(out_dir, name))
+    checkpoints = Checkpoints(out_dir, keep=1)
+    try:
+        checkpoints.save(used[-1], state, {"averaged_steps": used, "source": os.path.abspath(workdir),
+                                           "data_position": int(np.asarray(state.step)), "step": used[-1]})
+    finally:
+        checkpoints.close()
+    return used

@@ -295,15 +295,23 @@ def replicate_on_devices(tree, devices):
 
 
 def prefetch_to_devices(iterator, devices, size: int = 2):
-    """Move the next `size` (position, batch) items onto the devices in a background thread."""
+    """Move the next `size` (position, batch) items onto the devices in a background thread, so that
+    host work and transfers overlap the running step. One device gets the batch as it is; several
+    get [n_devices, rows / n_devices, …] for pmap."""
+    import jax
+
+    def place(batch):
+        if len(devices) == 1:
+            return jax.device_put(batch, devices[0])
+        return put_on_devices(shard_for_devices(batch, len(devices)), devices)
+
     q: queue.Queue = queue.Queue(maxsize=size)
     stop = object()
 
     def producer():
         try:
             for position, batch in iterator:
-                batch = shard_for_devices(batch, len(devices))
-                q.put((position, put_on_devices(batch, devices)))
+                q.put((position, place(batch)))
         except BaseException as err:  # hand the error to the consumer
             q.put(err)
         q.put(stop)

@@ -11,6 +11,7 @@ from jaxtyping import Array, Bool, Float
 
 from transformer.attention import MultiHeadAttention
 from transformer.config import TransformerConfig
+from transformer.dropout import Dropout
 from transformer.feed_forward import PositionwiseFeedForward
 
 # Incremental decoding state of one decoder layer: self-attention keys/values written so far
@@ -30,7 +31,7 @@ class ResidualSublayer(nnx.Module):
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.pre_norm = config.norm_position == "pre"
         self.norm = nnx.LayerNorm(config.d_model, epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     def __call__(
         self,

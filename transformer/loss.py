@@ -18,18 +18,27 @@ def label_smoothed_cross_entropy(
     −Σ_v q_v log p_v = (1 − ε)·(−log p_target) + ε·mean_v(−log p_v), computed without a one-hot
     [b, t, V] array. Returns (sum of per-token losses, sum of weights); padding has weight 0.
     """
-    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
-    smooth = -log_p.mean(axis=-1)
-    loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
-    return (loss * weights).sum(), weights.sum()
+    sums = loss_and_metrics(logits, targets, weights, label_smoothing)
+    return sums["loss_sum"], sums["tokens"]
 
 
-def token_metrics(
-    logits: Float[Array, "b t v"], targets: Int[Array, "b t"], weights: Float[Array, "b t"]
+def loss_and_metrics(
+    logits: Float[Array, "b t v"], targets: Int[Array, "b t"], weights: Float[Array, "b t"], label_smoothing: float
 ) -> dict[str, Float[Array, ""]]:
-    """Sums (not means) so that they add up across devices and batches: negative log-likelihood,
-    correct argmax predictions, and the number of real tokens."""
-    nll_sum, n = label_smoothed_cross_entropy(logits, targets, weights, 0.0)
-    correct = ((logits.argmax(-1) == targets) * weights).sum()
-    return {"nll_sum": nll_sum, "correct": correct, "tokens": n}
+    """The smoothed loss and the token metrics from one pass over the vocabulary's logits.
+
+    Sums (not means), so that they add up across devices and batches: "loss_sum" (label-smoothed),
+    "nll_sum" (negative log-likelihood, for perplexity), "correct" (argmax = target) and "tokens"
+    (real target tokens).
+    """
+    # With z the logits and lse = log Σ_v exp z_v: −log p_target = lse − z_target and
+    # mean_v(−log p_v) = lse − mean_v z_v, so the [b, t, V] log-probabilities are never stored.
+    z = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    z_target = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+    nll = lse - z_target
+    loss = nll - label_smoothing * (z.mean(axis=-1) - z_target)  # = (1−ε)·nll + ε·(lse − mean z)
+    # The target is the argmax iff no logit exceeds its own (ties count as correct).
+    correct = (z.max(axis=-1) <= z_target).astype(jnp.float32)
+    return {"loss_sum": (loss * weights).sum(), "nll_sum": (nll * weights).sum(),
+            "correct": (correct * weights).sum(), "tokens": weights.sum()}

@@ -198,8 +198,7 @@ class Trainer:
         state = _replicate(self.state, self.devices)
         stop = {"signal": None}
         previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-        batches = data_lib.prefetch_to_devices(self._host_batches(self.train_plan, start_micro), self.devices) \
-            if self.n_devices > 1 else ((p, jax.device_put(b, self.devices[0])) for p, b in self._host_batches(self.train_plan, start_micro))
+        batches = data_lib.prefetch_to_devices(self._host_batches(self.train_plan, start_micro), self.devices)
 
         from tqdm import tqdm
 

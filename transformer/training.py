@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 
 from transformer.config import ConfigError, TransformerConfig
-from transformer.loss import label_smoothed_cross_entropy, token_metrics
+from transformer.loss import loss_and_metrics
 from transformer.model import Transformer
 from transformer.schedule import transformer_schedule
 
@@ -153,12 +153,11 @@ def make_train_step(
             model = nnx.merge(graphdef, params)
             logits = model(batch["src"], batch["tgt_in"], **_model_inputs(batch),
                            deterministic=False, rngs=nnx.Rngs(dropout=key))
-            loss_sum, _ = label_smoothed_cross_entropy(logits, batch["tgt_out"], weights, label_smoothing)
-            return loss_sum, logits
+            sums = loss_and_metrics(logits, batch["tgt_out"], weights, label_smoothing)
+            return sums["loss_sum"], sums
 
-        (loss_sum, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        metrics = {"loss_sum": loss_sum, **token_metrics(logits, batch["tgt_out"], weights),
-                   "src_tokens": (batch["src"] != pad_id).sum().astype(jnp.float32)}
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        metrics["src_tokens"] = (batch["src"] != pad_id).sum().astype(jnp.float32)
         if axis_name is not None:
             grads, metrics = jax.lax.psum((grads, metrics), axis_name)
         # Gradient of the mean loss over all real target tokens of the global batch.
@@ -178,8 +177,7 @@ def make_eval_step(graphdef: nnx.GraphDef, label_smoothing: float, pad_id: int, 
         model = nnx.merge(graphdef, params)
         logits = model(batch["src"], batch["tgt_in"], **_model_inputs(batch))
         weights = (batch["tgt_out"] != pad_id).astype(jnp.float32)
-        loss_sum, _ = label_smoothed_cross_entropy(logits, batch["tgt_out"], weights, label_smoothing)
-        metrics = {"loss_sum": loss_sum, **token_metrics(logits, batch["tgt_out"], weights)}
+        metrics = loss_and_metrics(logits, batch["tgt_out"], weights, label_smoothing)
         return metrics if axis_name is None else jax.lax.psum(metrics, axis_name)
 
     return eval_step
