@@ -129,11 +129,13 @@ class Examples:
 def encode_pairs(pairs: Sequence[Pair], tokenizer: Tokenizer, max_length: int) -> Examples:
     """Tokenise and drop pairs whose source or target (with EOS) is longer than max_length."""
     src, tgt = [], []
-    for s, t in pairs:
-        s_ids, t_ids = tokenizer.encode(s) + [EOS_ID], tokenizer.encode(t) + [EOS_ID]
-        if 1 < len(s_ids) <= max_length and 1 < len(t_ids) <= max_length:
-            src.append(np.asarray(s_ids, np.int32))
-            tgt.append(np.asarray(t_ids, np.int32))
+    src_ids = tokenizer.encode_batch([s for s, _ in pairs])
+    tgt_ids = tokenizer.encode_batch([t for _, t in pairs])
+    for s_ids, t_ids in zip(src_ids, tgt_ids):
+        # Both sides end with EOS; empty sentences (EOS alone) and over-long ones are dropped.
+        if 0 < len(s_ids) < max_length and 0 < len(t_ids) < max_length:
+            src.append(np.asarray(s_ids + [EOS_ID], np.int32))
+            tgt.append(np.asarray(t_ids + [EOS_ID], np.int32))
     return Examples(src, tgt)
 
 

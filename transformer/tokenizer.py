@@ -16,6 +16,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
     def decode(self, ids: Iterable[int]) -> str: ...
 
 
@@ -69,6 +71,10 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.processor.encode(text)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # SentencePiece encodes a list on all cores at once.
+        return self.processor.encode(list(texts), num_threads=os.cpu_count() or 1)
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.processor.decode(_strip(ids))
 
@@ -85,6 +91,9 @@ class CharTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return [self.ids.get(c, UNK_ID) for c in text]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.alphabet[i - 4] if i >= 4 else "?" for i in _strip(ids))

@@ -152,9 +152,10 @@ class Trainer:
         self.state = state
         latest = self.checkpoints.latest_step()
         self.resumed_from = None
+        self.data_position = 0  # micro-batches of the training stream already consumed
         if latest is not None:
             self.state, meta = self.checkpoints.restore(latest, state)
-            self.resumed_from = latest
+            self.resumed_from, self.data_position = latest, int(meta["data_position"])
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -194,7 +195,7 @@ class Trainer:
         cfg = self.train_config
         accum = cfg.grad_accum_steps
         total_micro = cfg.num_train_steps * accum
-        start_micro = int(self.state.step)
+        start_micro = self.data_position
         state = _replicate(self.state, self.devices)
         stop = {"signal": None}
         previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
@@ -271,6 +272,7 @@ class Trainer:
             bar.close()
             signal.signal(signal.SIGTERM, previous_handler)
             self.state = _unreplicate(state, self.n_devices)
+            self.data_position = int(self.state.step)
         summary["step"] = int(self.state.step) // accum
         return summary
 
