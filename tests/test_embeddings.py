@@ -33,7 +33,8 @@ def test_shared_embedding_is_one_matrix_used_three_ways():
     config = TransformerConfig.tiny(dropout_rate=0.0)
     model = Transformer(config, rngs=nnx.Rngs(0))
     E = model.src_embed.token_embedding.embedding
-    assert E is model.tgt_embed.token_embedding.embedding and model.output_projection is None
+    assert E is model.tgt_embed.token_embedding.embedding
+    assert model.output_projection.linear is None
     src = jnp.array([[3, 4, 5]]); tgt = jnp.array([[1, 6]])
     # Embedding: E[token] * sqrt(d_model) (plus the encoding of position 0 = [0, 1, 0, 1, ...]).
     x = np.asarray(model.src_embed(src))[0, 0]

@@ -47,6 +47,9 @@ def reverse_task_pairs(num: int, seed: int, min_len: int = 4, max_len: int = 12)
 
 
 def _import_tfds():
+    # TensorFlow only reads text here: keep its start-up notices (oneDNN, CPU features) quiet.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:  # pragma: no cover - depends on the install

@@ -71,6 +71,25 @@ class TokenEmbedding(nnx.Module):
         return _tied_logits(x.astype(dtype), self.embedding[...].astype(dtype))
 
 
+class PreSoftmaxProjection(nnx.Module):
+    """§3.4: the linear transformation before the softmax: the shared embedding matrix, transposed
+    (share_embeddings=True, the paper's choice), or a matrix of its own.
+
+    The shared matrix is passed at call time rather than held here, so that it stays in the
+    parameter tree where the embeddings are.
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.linear = None if config.share_embeddings else nnx.Linear(
+            config.d_model, config.vocab_size, use_bias=False, dtype=config.compute_dtype, rngs=rngs
+        )
+
+    def __call__(self, x: Float[Array, "b l m"], token_embedding: TokenEmbedding) -> Float[Array, "b l v"]:
+        if self.linear is None:
+            return token_embedding.logits(x)
+        return self.linear(x)
+
+
 class InputEmbedding(nnx.Module):
     """§3.4–3.5 and §5.4: Dropout(E[tokens]·√d_model + PE(positions)).
 

@@ -15,7 +15,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from transformer.config import TransformerConfig
-from transformer.embeddings import InputEmbedding, TokenEmbedding
+from transformer.embeddings import InputEmbedding, PreSoftmaxProjection, TokenEmbedding
 from transformer.layers import Decoder, Encoder, LayerCache
 from transformer.masks import attention_masks, causal_mask, padding_mask, segment_mask
 
@@ -55,12 +55,7 @@ class Transformer(nnx.Module):
         self.tgt_embed = InputEmbedding(config, tgt_tokens, rngs=rngs)
         self.encoder = Encoder(config, rngs=rngs)
         self.decoder = Decoder(config, cross_attention=True, rngs=rngs)
-        if config.share_embeddings:
-            self.output_projection = None
-        else:
-            self.output_projection = nnx.Linear(
-                config.d_model, config.vocab_size, use_bias=False, dtype=config.compute_dtype, rngs=rngs
-            )
+        self.output_projection = PreSoftmaxProjection(config, rngs=rngs)
 
     def encode(
         self,
@@ -81,9 +76,7 @@ class Transformer(nnx.Module):
 
     def logits(self, x: Float[Array, "b t m"]) -> Float[Array, "b t v"]:
         """§3.4: the pre-softmax linear transformation (the shared embedding matrix, transposed)."""
-        if self.output_projection is None:
-            return self.tgt_embed.token_embedding.logits(x)
-        return self.output_projection(x)
+        return self.output_projection(x, self.tgt_embed.token_embedding)
 
     def __call__(
         self,
@@ -157,17 +150,10 @@ class TransformerLM(nnx.Module):
         self.config = config
         self.embed = InputEmbedding(config, TokenEmbedding(config, rngs=rngs), rngs=rngs)
         self.decoder = Decoder(config, cross_attention=False, rngs=rngs)
-        if config.share_embeddings:
-            self.output_projection = None
-        else:
-            self.output_projection = nnx.Linear(
-                config.d_model, config.vocab_size, use_bias=False, dtype=config.compute_dtype, rngs=rngs
-            )
+        self.output_projection = PreSoftmaxProjection(config, rngs=rngs)
 
     def logits(self, x: Float[Array, "b t m"]) -> Float[Array, "b t v"]:
-        if self.output_projection is None:
-            return self.embed.token_embedding.logits(x)
-        return self.output_projection(x)
+        return self.output_projection(x, self.embed.token_embedding)
 
     def __call__(
         self,
