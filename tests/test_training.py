@@ -128,3 +128,21 @@ def test_packing_keeps_examples_apart():
     assert b["src_segments"].max() >= 2  # several examples in a row
     row = b["tgt_positions"][0][b["tgt_segments"][0] == 2]
     np.testing.assert_array_equal(row, np.arange(len(row)))  # positions restart per example
+
+
+def test_packed_batch_gives_the_loss_of_the_same_examples_unpacked():
+    train = TrainConfig(warmup_steps=10)
+    graphdef, state, tx = create_train_state(MODEL, train)
+    _, evaluate = compile_steps(graphdef, tx, MODEL, train, 1)
+    tok = CharTokenizer("abcdefghijklmnopqrst")
+    examples = encode_pairs(reverse_task_pairs(24, seed=5), tok, 16)
+    packed = BatchPlan(examples, 10_000, 16, 1, packing=True, shuffle=False)
+    unpacked = BatchPlan(examples, 10_000, 16, 1, packing=False, shuffle=False)
+    totals = []
+    for plan in (packed, unpacked):
+        sums = [evaluate(state.params, b) for _, b in plan.batches(epochs=1)]
+        totals.append({k: sum(float(s[k]) for s in sums) for k in ("loss_sum", "tokens", "correct")})
+    assert next(packed.batches(epochs=1))[1]["src_segments"].max() >= 2  # really packed
+    assert totals[0]["tokens"] == totals[1]["tokens"]
+    np.testing.assert_allclose(totals[0]["loss_sum"], totals[1]["loss_sum"], rtol=1e-5)
+    assert totals[0]["correct"] == totals[1]["correct"]
