@@ -114,6 +114,9 @@ def torch_step(config, compile: bool, warmup_steps: int = 4000):
     from torch import nn
 
     torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # bfloat16 compute the way PyTorch users get it: autocast, float32 parameters.
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
 
     class TorchTransformer(nn.Module):
         def __init__(self):
@@ -127,14 +130,14 @@ def torch_step(config, compile: bool, warmup_steps: int = 4000):
             )
 
         def forward(self, src, tgt_in):
-            causal = nn.Transformer.generate_square_subsequent_mask(tgt_in.shape[1], dtype=torch.bool)
+            causal = nn.Transformer.generate_square_subsequent_mask(tgt_in.shape[1], device=tgt_in.device, dtype=torch.bool)
             x = self.drop(self.embed(src) * math.sqrt(self.d) + self.pe[: src.shape[1]])
             y = self.drop(self.embed(tgt_in) * math.sqrt(self.d) + self.pe[: tgt_in.shape[1]])
             out = self.transformer(x, y, tgt_mask=causal, src_key_padding_mask=src == 0,
                                    tgt_key_padding_mask=tgt_in == 0, memory_key_padding_mask=src == 0)
             return out @ self.embed.weight.T  # tied pre-softmax projection
 
-    model = TorchTransformer()
+    model = TorchTransformer().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: config.d_model**-0.5 * min((s + 1) ** -0.5, (s + 1) * warmup_steps**-1.5))
@@ -143,10 +146,12 @@ def torch_step(config, compile: bool, warmup_steps: int = 4000):
 
     def train_step(batch):
         model.train()
-        src, tgt_in, tgt_out = (torch.from_numpy(np.asarray(batch[k])).long() for k in ("src", "tgt_in", "tgt_out"))
+        src, tgt_in, tgt_out = (torch.from_numpy(np.asarray(batch[k])).long().to(device)
+                                for k in ("src", "tgt_in", "tgt_out"))
         optimizer.zero_grad(set_to_none=True)
-        logits = forward(src, tgt_in)
-        loss = criterion(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1))
+        with autocast:
+            logits = forward(src, tgt_in)
+            loss = criterion(logits.reshape(-1, logits.shape[-1]).float(), tgt_out.reshape(-1))
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -154,8 +159,8 @@ def torch_step(config, compile: bool, warmup_steps: int = 4000):
 
     def forward_step(batch):
         model.eval()
-        with torch.no_grad():
-            src, tgt_in = (torch.from_numpy(np.asarray(batch[k])).long() for k in ("src", "tgt_in"))
+        with torch.no_grad(), autocast:
+            src, tgt_in = (torch.from_numpy(np.asarray(batch[k])).long().to(device) for k in ("src", "tgt_in"))
             return forward(src, tgt_in)
 
     return train_step, forward_step

@@ -84,7 +84,7 @@ def main():
             print(f"  {name:18s} length {length:4d} (generated {generated:.1f}): {median:.4f} s, "
                   f"{tokens / median:.0f} tokens/s", flush=True)
     device = jax.devices()[0]
-    meta = {"device": f"{device.platform} {device.device_kind}", "host": platform.processor() or platform.machine(),
+    meta = {"device": device.device_kind if device.device_kind == device.platform else f"{device.platform} {device.device_kind}", "host": platform.processor() or platform.machine(),
             "config": args.config, "d_model": config.d_model, "N": config.N, "vocab": args.vocab_size,
             "dtype": args.dtype, "src_len": args.src_len, "date": time.strftime("%Y-%m-%d"),
             "command": "python " + " ".join(sys.argv)}

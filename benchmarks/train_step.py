@@ -192,13 +192,15 @@ def main():
                     config = dataclasses.replace(base_config, attention_impl=attention)
                     for devices_arg in args.devices:
                         devices = jax.local_devices() if devices_arg == "all" else jax.local_devices()[:1]
+                        if devices_arg == "all" and len(devices) == 1 and "1" in args.devices:
+                            continue  # "all" is the one device already measured
                         rows = max(tokens // length // len(devices), 1) * len(devices)
                         record(f"ours ({attention})", len(devices), rows,
                                bench_ours(config, rows, length, devices, args.rng_impl, args.warmup, args.steps))
                 rows = max(tokens // length, 1)
                 if "flax" in args.baselines:
                     record("flax stock nnx", 1, rows, bench_flax_stock(base_config, rows, length, args.warmup, args.steps))
-                if "torch" in args.baselines and dtype == "float32":
+                if "torch" in args.baselines and not (dtype == "bfloat16" and jax.default_backend() == "cpu"):
                     for compile in (False, True):
                         name = "torch nn.Transformer" + (" compile" if compile else " eager")
                         try:
@@ -219,7 +221,7 @@ def main():
     for r in ratios:
         print(f"{r['preset']} {r['shape']} {r['dtype']}: {r['ours']} / {r['vs']} = {r['train_ratio']:.2f}x train, "
               f"{r['forward_ratio']:.2f}x forward")
-    meta = {"device": f"{device.platform} {device.device_kind}", "device_count": jax.local_device_count(),
+    meta = {"device": device.device_kind if device.device_kind == device.platform else f"{device.platform} {device.device_kind}", "device_count": jax.local_device_count(),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "jax": jax.__version__,
             "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv)}
     with open(args.out, "w") as f:
