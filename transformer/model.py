@@ -90,12 +90,11 @@ class Transformer(nnx.Module):
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> Float[Array, "b t v"]:
-        check_tokens("src_tokens", src_tokens, self.config)
-        check_tokens("tgt_in_tokens", tgt_in_tokens, self.config, batch=src_tokens.shape[0])
         if (src_segments is None) != (tgt_segments is None):
             raise ValueError("pass both src_segments and tgt_segments (packed rows) or neither")
         run = dict(deterministic=deterministic, rngs=rngs)
-        memory = self.encode(src_tokens, src_positions, src_segments, **run)
+        memory = self.encode(src_tokens, src_positions, src_segments, **run)  # checks src_tokens
+        check_tokens("tgt_in_tokens", tgt_in_tokens, self.config, batch=src_tokens.shape[0])
         return self.decode(memory, src_tokens, tgt_in_tokens, tgt_positions=tgt_positions,
                            src_segments=src_segments, tgt_segments=tgt_segments, **run)
 
