@@ -32,11 +32,16 @@ def main() -> int:
     args = parser.parse_args()
     if args.average_last < 1 or args.batch_size < 1 or (args.beam_size is not None and args.beam_size < 1):
         raise UserError("--average_last, --batch_size and --beam_size must be positive")
+    if args.alpha is not None and not 0 <= args.alpha < float("inf"):  # NaN fails too
+        raise UserError(f"--alpha (the length penalty's exponent, §6.1) must be a number >= 0, got {args.alpha}")
+    if args.max_extra is not None and args.max_extra < 0:
+        raise UserError(f"--max_extra (output length limit = input length + max_extra) must be >= 0, got {args.max_extra}")
 
     from flax import nnx
 
     from transformer.bleu import corpus_bleu
     from transformer.checkpoint import load_params
+    from transformer.data import read_text_lines
     from transformer.decoding import translate_batches
     from transformer.tokenizer import load_tokenizer
     from transformer.trainer import load_run_config
@@ -53,19 +58,14 @@ def main() -> int:
         raise UserError(str(err)) from None
     model = nnx.merge(graphdef, state.params)
 
-    if args.input == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        if not os.path.isfile(args.input):
-            raise UserError(f"--input {args.input!r} is not a file")
-        with open(args.input, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+    if args.input != "-" and not os.path.isfile(args.input):
+        raise UserError(f"--input {args.input!r} is not a file")
+    lines = read_text_lines(args.input)  # line N of the output translates line N of the input
     references = None
     if args.reference:
         if not os.path.isfile(args.reference):
             raise UserError(f"--reference {args.reference!r} is not a file")
-        with open(args.reference, encoding="utf-8") as f:
-            references = f.read().splitlines()
+        references = read_text_lines(args.reference)
         if len(references) != len(lines):
             raise UserError(f"--reference has {len(references)} lines but --input has {len(lines)}: they must pair up")
 

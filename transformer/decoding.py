@@ -222,26 +222,56 @@ def translate_batches(model, tokenizer, texts, beam_size: int = 4, alpha: float 
                       batch_size: int = 64, progress: bool = False) -> list[str]:
     """Translate raw sentences: tokenise, sort by length (less padding), decode in batches of fixed
     shape (rows padded to batch_size, lengths to multiples of 8, so few compilations), detokenise,
-    and return the translations in input order."""
+    and return the translations in input order.
+
+    A sentence's translation depends on that sentence alone, never on the others of its batch: its
+    output has at most (its length + max_extra) tokens (§6.1), or max_len where that is fewer (the
+    longest sequence the model takes). A sentence longer than max_len - 1 tokens (the end token
+    makes max_len) is cut to that, with a warning on standard error naming its line (1 = texts[0]).
+    """
+    import sys
+
     import numpy as np
     from tqdm import tqdm
 
     from transformer.data import BUCKET_STEP
 
-    encoded = [tokenizer.encode(t)[: model.config.max_len - 1] + [EOS_ID] for t in texts]
+    if max_extra < 0:
+        raise ValueError(f"max_extra must be >= 0, got {max_extra}")
+    max_len = model.config.max_len
+    texts = list(texts)
+    encoded = []
+    for line, ids in enumerate(tokenizer.encode_batch(texts), start=1):
+        if len(ids) > max_len - 1:
+            print(f"warning: line {line} has {len(ids)} tokens but the model takes at most {max_len - 1} (max_len "
+                  f"{max_len}, with the end token): only its first {max_len - 1} are translated", file=sys.stderr)
+        encoded.append(list(ids[: max_len - 1]) + [EOS_ID])
+    # The decoders give every row of a batch the same max_extra and stop each row at its own length +
+    # max_extra, over src.shape[1] + max_extra decoder positions. Rows whose limit fits in max_len
+    # (length <= fits) are padded to at most `fits`, so that no row's limit is ever lowered for the
+    # batch; a row whose limit max_len cuts shares a batch only with rows of its own length, padded to
+    # exactly that length and decoded with max_extra = max_len - length.
+    fits = max_len - max_extra
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    groups: dict[int | None, list[int]] = {}  # None: limits that fit; n: rows of length n that max_len cuts
+    for i in order:
+        groups.setdefault(None if len(encoded[i]) <= fits else len(encoded[i]), []).append(i)
+    batches = []  # (padded length, max_extra, members)
+    for key, rows in groups.items():
+        for start in range(0, len(rows), batch_size):
+            members = rows[start : start + batch_size]
+            if key is None:
+                length = min(-(-len(encoded[members[-1]]) // BUCKET_STEP) * BUCKET_STEP, fits)
+                batches.append((length, max_extra, members))
+            else:
+                batches.append((key, max_len - key, members))
     out: list[str] = [""] * len(texts)
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="translate", unit="batch", disable=not progress):
-        members = order[start : start + batch_size]
-        length = -(-max(len(encoded[i]) for i in members) // BUCKET_STEP) * BUCKET_STEP
-        src = np.full((batch_size, min(length, model.config.max_len)), PAD_ID, np.int32)
+    for length, extra, members in tqdm(batches, desc="translate", unit="batch", disable=not progress):
+        src = np.full((batch_size, length), PAD_ID, np.int32)
         for row, i in enumerate(members):
             src[row, : len(encoded[i])] = encoded[i]
         src[len(members):, 0] = EOS_ID  # padding rows: an empty sentence
-        extra = min(max_extra, model.config.max_len - src.shape[1])
         hyps = np.asarray(translate(model, src, beam_size, alpha, extra))
         for row, i in enumerate(members):
             out[i] = tokenizer.decode(hyps[row])
     return out
-

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import time
 from typing import Sequence
@@ -68,7 +69,19 @@ def make_tokenizer(config: TrainConfig, corpus: Corpus, vocab_size: int, workdir
         tokenizer.save(workdir)
         return tokenizer
     texts = (text for pair in corpus.train for text in pair)
-    return SentencePieceTokenizer.train(texts, vocab_size, workdir)
+    try:
+        return SentencePieceTokenizer.train(texts, vocab_size, workdir)
+    except RuntimeError as err:  # SentencePiece's trainer reports bad input as RuntimeError("INTERNAL: …")
+        # With character_coverage=1.0 every character of the text must be a piece of its own, and the
+        # special tokens need theirs: SentencePiece names that minimum ("… required_chars. 20 vs 52.").
+        needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(err))
+        if needed:
+            raise data_lib.DataError(
+                f"--vocab_size {vocab_size} is too small for the training text: its distinct characters and the "
+                f"special tokens need at least {needed.group(1)} pieces; use --vocab_size {needed.group(1)} or more"
+            ) from None
+        detail = " ".join(str(err).split())
+        raise data_lib.DataError(f"SentencePiece could not train a tokenizer on the training text ({detail})") from None
 
 
 def _check_workdir(workdir: str) -> None:
