@@ -37,11 +37,24 @@ def main() -> int:
     if args.max_extra is not None and args.max_extra < 0:
         raise UserError(f"--max_extra (output length limit = input length + max_extra) must be >= 0, got {args.max_extra}")
 
+    from transformer.data import read_text_lines
+
+    # The inputs first: a mistake in them is reported before the checkpoint is loaded.
+    if args.input != "-" and not os.path.isfile(args.input):
+        raise UserError(f"--input {args.input!r} is not a file")
+    lines = read_text_lines(args.input)  # line N of the output translates line N of the input
+    references = None
+    if args.reference:
+        if not os.path.isfile(args.reference):
+            raise UserError(f"--reference {args.reference!r} is not a file")
+        references = read_text_lines(args.reference)
+        if len(references) != len(lines):
+            raise UserError(f"--reference has {len(references)} lines but --input has {len(lines)}: they must pair up")
+
     from flax import nnx
 
     from transformer.bleu import corpus_bleu
     from transformer.checkpoint import load_params
-    from transformer.data import read_text_lines
     from transformer.decoding import translate_batches
     from transformer.tokenizer import load_tokenizer
     from transformer.trainer import load_run_config
@@ -57,17 +70,6 @@ def main() -> int:
     except FileNotFoundError as err:
         raise UserError(str(err)) from None
     model = nnx.merge(graphdef, state.params)
-
-    if args.input != "-" and not os.path.isfile(args.input):
-        raise UserError(f"--input {args.input!r} is not a file")
-    lines = read_text_lines(args.input)  # line N of the output translates line N of the input
-    references = None
-    if args.reference:
-        if not os.path.isfile(args.reference):
-            raise UserError(f"--reference {args.reference!r} is not a file")
-        references = read_text_lines(args.reference)
-        if len(references) != len(lines):
-            raise UserError(f"--reference has {len(references)} lines but --input has {len(lines)}: they must pair up")
 
     print(f"checkpoint step(s) {used}", file=sys.stderr)
     hypotheses = translate_batches(

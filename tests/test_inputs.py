@@ -1,0 +1,233 @@
+"""Bad inputs, as a new user makes them: one line and exit code 2, never a traceback; and a line's
+translation that does not depend on the other lines of its batch."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+from flax import nnx
+
+from conftest import ROOT
+from transformer import Transformer, TransformerConfig
+from transformer.cli import UserError
+from transformer.data import DataError, load_folder_pairs, read_text_lines
+from transformer.decoding import translate_batches
+from transformer.tokenizer import EOS_ID, CharTokenizer
+
+TINY = ["--d_model", "16", "--d_ff", "32", "--h", "2", "--N", "1", "--batch_tokens", "256", "--quiet"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def run(script, *args, stdin=None):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          env=_env(), timeout=300, cwd=ROOT, input=stdin)
+
+
+def assert_one_line_error(result, prog, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data files
+# ---------------------------------------------------------------------------------------------
+
+
+def _folder(root, de: bytes, en: bytes):
+    root.mkdir()
+    for split in ("train", "validation"):
+        (root / f"de.{split}.txt").write_bytes(de)
+        (root / f"en.{split}.txt").write_bytes(en)
+    return root
+
+
+def test_folder_lines_are_split_at_newlines_only(tmp_path):
+    # "\r\n" ends a line like "\n"; U+2028 (which str.splitlines splits at) stays inside its line.
+    root = _folder(tmp_path / "d", "ein\u2028hund\r\nzwei\n".encode(), b"a dog\ntwo")
+    assert load_folder_pairs(str(root), "train", "de", "en") == [("ein\u2028hund", "a dog"), ("zwei", "two")]
+
+
+@pytest.mark.parametrize("de, en, message", [
+    (b"", b"", "de.train.txt is empty"),
+    (b"\n  \nein hund\n", b"a dog\n\n\n", "has text on both sides (all 3 are blank on one side or both)"),
+    (b"ein hund\nzwei katzen\n", b"a dog\ntwo \xe9 cats\n", "en.train.txt line 2 is not valid UTF-8 (byte 0xe9 at byte 5"),
+])
+def test_unusable_data_files_are_refused_naming_the_file(tmp_path, de, en, message):
+    root = _folder(tmp_path / "d", de, en)
+    with pytest.raises(DataError) as err:
+        load_folder_pairs(str(root), "train", "de", "en")
+    assert message in str(err.value)
+    if b"\xe9" in en:  # and through train.py: one line, exit code 2, nothing written
+        result = run("train.py", "--workdir", str(tmp_path / "run"), "--dataset_dir", str(root), "--src_lang", "de",
+                     "--tgt_lang", "en", "--num_train_steps", "2", *TINY)
+        assert_one_line_error(result, "train.py", str(root / message))
+        assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_read_text_lines_names_the_line_of_a_bad_byte(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_bytes("ä\nb\nc\xa0d\n".encode() + b"\x80e\n")  # line 4 starts with a lone continuation byte
+    with pytest.raises(DataError) as err:
+        read_text_lines(str(path))
+    assert str(err.value).startswith(f"{path} line 4 is not valid UTF-8 (byte 0x80 at byte 1 of the line)")
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_vocabulary_too_small_for_the_characters_names_the_minimum(tmp_path, monkeypatch, model_type):
+    from transformer.tokenizer import SentencePieceTokenizer
+    from transformer.trainer import Corpus, make_tokenizer
+    from transformer.training import TrainConfig
+
+    original = SentencePieceTokenizer.train.__func__
+
+    def train(cls, texts, vocab_size, workdir, **kwargs):
+        return original(cls, texts, vocab_size, workdir, **{**kwargs, "model_type": model_type})
+
+    monkeypatch.setattr(SentencePieceTokenizer, "train", classmethod(train))
+    # 26 + 12 + 9 distinct letters and the word-boundary piece "▁": 48 characters, + 4 special tokens.
+    pairs = [("abcdefghijklmnopqrstuvwxyz", "zyxwvutsrqponmlkjih"), ("ABCDEFGHIJKL", "MNOPQRSTU")]
+    config = TrainConfig(dataset_dir=str(tmp_path))
+    with pytest.raises(DataError) as err:
+        make_tokenizer(config, Corpus(pairs, pairs, None), 51, str(tmp_path / "a"))
+    assert str(err.value) == ("--vocab_size 51 is too small for the training text: its distinct characters and the "
+                              "special tokens need at least 52 pieces; use --vocab_size 52 or more")
+    assert not (tmp_path / "a" / "spm.model").exists()
+    assert make_tokenizer(config, Corpus(pairs, pairs, None), 52, str(tmp_path / "b")).vocab_size == 52
+
+
+def test_vocabulary_too_small_through_train_py(tmp_path):
+    root = _folder(tmp_path / "d", b"abcdefgh\nijkl\n", b"hgfedcba\nlkji\n")  # 12 letters, "▁", 4 special
+    result = run("train.py", "--workdir", str(tmp_path / "run"), "--dataset_dir", str(root), "--src_lang", "de",
+                 "--tgt_lang", "en", "--vocab_size", "8", "--num_train_steps", "2", *TINY)
+    assert_one_line_error(result, "train.py", "--vocab_size 8 is too small", "use --vocab_size 17 or more")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line numbers and paths (checked before anything is loaded)
+# ---------------------------------------------------------------------------------------------
+
+
+def _main_of(script):
+    spec = importlib.util.spec_from_file_location(script[: -len(".py")] + "_under_test", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("script, args, fragment", [
+    ("translate.py", ["--alpha", "-1"], "--alpha (the length penalty's exponent, §6.1) must be a number >= 0, got -1.0"),
+    ("translate.py", ["--alpha", "nan"], "must be a number >= 0, got nan"),
+    ("translate.py", ["--max_extra", "-5"], "--max_extra (output length limit = input length + max_extra) must be >= 0"),
+    ("translate.py", ["--input", "{bad}"], "bad.txt line 2 is not valid UTF-8 (byte 0xff at byte 1 of the line)"),
+    ("translate.py", ["--input", "{file}", "--reference", "{bad}"], "bad.txt line 2 is not valid UTF-8"),
+    ("average_checkpoints.py", ["--output", "{file}"], "is a file: give the name of a new folder"),
+    ("average_checkpoints.py", ["--output", "{file}/avg"], "is a file, not a folder"),
+    ("average_checkpoints.py", ["--output", "{full}"], "is a folder that is not empty"),
+])
+def test_bad_numbers_and_inputs_are_refused_before_the_run_is_read(tmp_path, monkeypatch, script, args, fragment):
+    (tmp_path / "file").write_text("keep me\n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("keep me too\n")
+    (tmp_path / "bad.txt").write_bytes(b"abc\n\xffabc\n")
+    args = [a.format(file=tmp_path / "file", full=tmp_path / "full", bad=tmp_path / "bad.txt") for a in args]
+    # The work dir does not exist: the error must come from the checks that run before it is read.
+    monkeypatch.setattr(sys, "argv", [script, "--workdir", str(tmp_path / "no_run"), *args])
+    with pytest.raises((UserError, DataError)) as err:
+        _main_of(script)()
+    assert fragment in str(err.value)
+    assert (tmp_path / "file").read_text() == "keep me\n"
+    assert os.listdir(tmp_path / "full") == ["notes.txt"]
+
+
+@pytest.mark.parametrize("script, args, fragment", [
+    ("translate.py", ["--max_extra", "-5"], "--max_extra (output length limit = input length + max_extra) must be >= 0"),
+    ("average_checkpoints.py", ["--output", "{file}"], "is a file: give the name of a new folder"),
+])
+def test_bad_numbers_and_outputs_end_in_one_line(tmp_path, script, args, fragment):
+    (tmp_path / "file").write_text("keep me\n")
+    result = run(script, "--workdir", str(tmp_path / "no_run"), *[a.format(file=tmp_path / "file") for a in args])
+    assert_one_line_error(result, script, fragment)
+    assert (tmp_path / "file").read_text() == "keep me\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Each line is translated on its own terms
+# ---------------------------------------------------------------------------------------------
+
+ALPHABET = "abcdefgh"
+MAX_LEN, MAX_EXTRA = 40, 10
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = TransformerConfig(vocab_size=len(ALPHABET) + 4, d_model=16, d_ff=24, h=2, N=1, max_len=MAX_LEN,
+                               dropout_rate=0.0)
+    m = Transformer(config, rngs=nnx.Rngs(3))
+    # A zero embedding for the end token gives it logit 0 (the output projection is the embedding
+    # matrix): a random model then almost never ends a sentence itself, and greedy outputs run to
+    # their length limits, which the test can work out by hand.
+    E = m.src_embed.token_embedding.embedding
+    E[...] = (E[...] * 4.0).at[EOS_ID].set(0.0)
+    return m
+
+
+SHORT = "abc"  # 3 + 1 tokens: limit 4 + 10 = 14 tokens, 13 letters before the forced end token
+MEDIUM = "abcdefgh" * 3  # 24 + 1: limit 35 (fits in max_len 40), 34 letters
+NEAR = "hgfedcba" * 4  # 32 + 1: 33 + 10 > 40, so max_len cuts the limit to 40: 39 letters
+LONG = "abcdefgh" * 50  # 400 letters: cut to 39 (+ end = max_len), limit 40: 39 letters
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_a_line_translates_the_same_alone_and_beside_long_lines(model, capsys, beam_size):
+    tokenizer = CharTokenizer(ALPHABET)
+    alone = {text: translate_batches(model, tokenizer, [text], beam_size, 0.6, MAX_EXTRA, batch_size=4)[0]
+             for text in (SHORT, MEDIUM, NEAR)}
+    assert capsys.readouterr().err == ""
+    texts = [SHORT, NEAR, LONG, MEDIUM, SHORT]
+    together = translate_batches(model, tokenizer, texts, beam_size, 0.6, MAX_EXTRA, batch_size=4)
+    assert together[0] == together[4] == alone[SHORT]
+    assert together[3] == alone[MEDIUM] and together[1] == alone[NEAR]
+    # The over-long line is translated as its first max_len - 1 tokens, with a warning naming it.
+    cut = translate_batches(model, tokenizer, [LONG[: MAX_LEN - 1]], beam_size, 0.6, MAX_EXTRA, batch_size=4)
+    assert together[2] == cut[0]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: line 3 has 400 tokens but the model takes at most 39 (max_len 40, with the end "
+                   "token): only its first 39 are translated"]
+    lengths = [len(t) for t in together]
+    if beam_size == 1:  # greedy never ends early here (see the fixture): every output is at its limit
+        assert lengths == [13, 39, 39, 34, 13]
+    else:
+        assert all(n <= limit for n, limit in zip(lengths, [13, 39, 39, 34, 13]))
+
+
+def test_translate_py_warns_about_the_long_line_and_keeps_the_others(tmp_path):
+    root = _folder(tmp_path / "d", "\n".join(["ein hund", "zwei katzen", "der mann"] * 4).encode(),
+                   "\n".join(["a dog", "two cats", "the man"] * 4).encode())
+    workdir = str(tmp_path / "run")
+    trained = run("train.py", "--workdir", workdir, "--dataset_dir", str(root), "--src_lang", "de", "--tgt_lang", "en",
+                  "--vocab_size", "30", "--max_len", "24", "--max_length", "16", "--num_train_steps", "2",
+                  "--checkpoint_every", "2", *TINY)
+    assert trained.returncode == 0, trained.stderr
+    # train.py ends by translating the validation lines (in batches of short lines) with the final
+    # checkpoint and prints the first ones: the translations that translate.py must give again.
+    printed = dict(line.strip().split("  ->  ") for line in trained.stdout.splitlines() if "  ->  " in line)
+    mixed = run("translate.py", "--workdir", workdir, stdin=f"ein hund\n{'zwei katzen ' * 20}\nder mann\n")
+    assert mixed.returncode == 0, mixed.stderr
+    out = mixed.stdout.splitlines()
+    assert len(out) == 3 and [out[0], out[2]] == [printed["ein hund"], printed["der mann"]]
+    warnings = [line for line in mixed.stderr.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: line 2 has ")
+    assert warnings[0].endswith("tokens but the model takes at most 23 (max_len 24, with the end token): only its first "
+                                "23 are translated")
