@@ -1,5 +1,6 @@
 """Incremental decoding against full forward passes; beam search against exhaustive enumeration."""
 
+import dataclasses
 import itertools
 
 import jax
@@ -124,3 +125,51 @@ def test_decoding_without_the_cache_gives_the_same_outputs(model):
     beams_nc, scores_nc = beam_search(model, SRC, 3, 0.6, 4, use_cache=False, **IDS)
     np.testing.assert_array_equal(np.asarray(beams_nc), np.asarray(beams))
     np.testing.assert_allclose(np.asarray(scores_nc), np.asarray(scores), atol=1e-4)
+
+
+@pytest.mark.parametrize("encoding", ["learned", "sinusoidal"])
+def test_decoding_past_max_len_is_a_clear_error(encoding):
+    # Decoding a source of length 5 with max_extra 4 runs the decoder over positions 0 … 8. A learned
+    # table of max_len = 8 rows has no row 8 (the gather would give NaN); sinusoids have the same
+    # limit, as the model's own check of input lengths does for both encodings.
+    config = dataclasses.replace(CONFIG, positional_encoding=encoding, max_len=8)
+    model = Transformer(config, rngs=nnx.Rngs(1))
+    message = r"src length 5 \+ max_extra 4 = 9 decoder positions > max_len=8 .*max_extra to at most 3"
+    with pytest.raises(ValueError, match=message):
+        greedy_decode(model, SRC, max_extra=4, **IDS)
+    with pytest.raises(ValueError, match=message):
+        greedy_decode(model, SRC, max_extra=4, use_cache=False, **IDS)
+    with pytest.raises(ValueError, match=message):
+        beam_search(model, SRC, 2, 0.6, max_extra=4, **IDS)
+    lm = TransformerLM(config, rngs=nnx.Rngs(2))
+    with pytest.raises(ValueError, match=r"prompt length 3 \+ max_new_tokens 6 = 9 .*max_len=8"):
+        generate(lm, SRC[:, :3], max_new_tokens=6, **IDS)
+    if encoding == "learned":  # at the limit every position has its row: finite scores, full length
+        tokens, log_prob = greedy_decode(model, SRC, max_extra=3, **IDS)
+        assert tokens.shape == (2, 8) and np.isfinite(np.asarray(log_prob)).all()
+        _, scores = beam_search(model, SRC, 2, 0.6, max_extra=3, **IDS)
+        assert np.isfinite(np.asarray(scores)).all()
+
+
+def test_search_uses_the_special_ids_it_is_given(model):
+    # Relabel the vocabulary (pad 0 <-> 5, BOS 2 <-> 7, EOS 3 <-> 10) in a copy of the model whose
+    # config.pad_id is 5 and whose embedding row perm[i] is the original's row i: its outputs must
+    # be the relabelled outputs of the original, with padding 5 after its end token 10.
+    perm = np.arange(CONFIG.vocab_size)
+    for a, b in ((PAD_ID, 5), (BOS_ID, 7), (EOS_ID, 10)):
+        perm[a], perm[b] = b, a
+    relabelled = Transformer(dataclasses.replace(CONFIG, pad_id=5), rngs=nnx.Rngs(0))
+    nnx.update(relabelled, nnx.state(model))
+    E = relabelled.src_embed.token_embedding.embedding
+    E[...] = E[...][np.argsort(perm)]
+    src = jnp.asarray(perm[np.asarray(SRC)])
+    ids = dict(bos_id=int(perm[BOS_ID]), eos_id=int(perm[EOS_ID]))
+    greedy, log_prob = greedy_decode(model, SRC, max_extra=5, **IDS)
+    greedy_r, log_prob_r = greedy_decode(relabelled, src, max_extra=5, **ids)
+    np.testing.assert_array_equal(np.asarray(greedy_r), perm[np.asarray(greedy)])
+    np.testing.assert_allclose(np.asarray(log_prob_r), np.asarray(log_prob), atol=1e-5)
+    assert (np.asarray(greedy) == PAD_ID).any()  # the comparison covers padding after the end
+    beams, scores = beam_search(model, SRC, 3, 0.6, 4, **IDS)
+    beams_r, scores_r = beam_search(relabelled, src, 3, 0.6, 4, **ids)
+    np.testing.assert_array_equal(np.asarray(beams_r), perm[np.asarray(beams)])
+    np.testing.assert_allclose(np.asarray(scores_r), np.asarray(scores), atol=1e-5)
