@@ -28,7 +28,7 @@ def build_parser():
     parser.add_argument("--workdir", default=None, help="checkpoints, metrics and tokenizer (default: a new runs/<time>)")
     parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize (multi-host)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_dataclass_flags(parser, TransformerConfig, "model (TransformerConfig)")
+    add_dataclass_flags(parser, TransformerConfig, "model (TransformerConfig)", skip=("pad_id",))  # the tokenizer's
     add_dataclass_flags(parser, TrainConfig, "training (TrainConfig)")
     return parser
 

@@ -30,7 +30,7 @@ def main():
 
     from transformer import Transformer, TransformerConfig
     from transformer.decoding import beam_search, greedy_decode
-    from transformer.tokenizer import EOS_ID
+    from transformer.tokenizer import BOS_ID, EOS_ID
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="tiny", choices=["tiny", "base", "big"])
@@ -56,11 +56,12 @@ def main():
     E[...] = E[...].at[EOS_ID].set(0.0)
     src = jnp.asarray(np.random.default_rng(0).integers(4, args.vocab_size, (args.batch, args.src_len)), jnp.int32)
     src = src.at[:, -1].set(EOS_ID)
+    ids = dict(bos_id=BOS_ID, eos_id=EOS_ID)
     methods = {
-        "greedy (cache)": lambda n: greedy_decode(model, src, n - args.src_len)[0],
-        "greedy (no cache)": lambda n: greedy_decode(model, src, n - args.src_len, use_cache=False)[0],
-        "beam 4 (no cache)": lambda n: beam_search(model, src, 4, 0.6, n - args.src_len, use_cache=False)[0],
-        "beam 4 (cache)": lambda n: beam_search(model, src, 4, 0.6, n - args.src_len)[0],
+        "greedy (cache)": lambda n: greedy_decode(model, src, n - args.src_len, **ids)[0],
+        "greedy (no cache)": lambda n: greedy_decode(model, src, n - args.src_len, use_cache=False, **ids)[0],
+        "beam 4 (no cache)": lambda n: beam_search(model, src, 4, 0.6, n - args.src_len, use_cache=False, **ids)[0],
+        "beam 4 (cache)": lambda n: beam_search(model, src, 4, 0.6, n - args.src_len, **ids)[0],
     }
     rows = []
     for length in args.lengths:

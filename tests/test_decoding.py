@@ -1,5 +1,6 @@
 """Incremental decoding against full forward passes; beam search against exhaustive enumeration."""
 
+import dataclasses
 import itertools
 
 import jax
@@ -13,6 +14,7 @@ from transformer.decoding import beam_search, generate, greedy_decode, length_pe
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 CONFIG = TransformerConfig.tiny(vocab_size=11, d_model=24, d_ff=40, h=3, N=2, dropout_rate=0.0)
+IDS = dict(bos_id=BOS_ID, eos_id=EOS_ID)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def _full_greedy(model, src, steps):
 
 
 def test_greedy_through_cache_equals_repeated_full_argmax(model):
-    tokens, _ = greedy_decode(model, SRC[:1], max_extra=6)
+    tokens, _ = greedy_decode(model, SRC[:1], max_extra=6, **IDS)
     tokens = np.asarray(tokens)[0]
     reference = _full_greedy(model, SRC[:1], tokens.shape[0])[0]
     end = list(tokens).index(EOS_ID) if EOS_ID in tokens else len(tokens)
@@ -55,8 +57,8 @@ def test_greedy_through_cache_equals_repeated_full_argmax(model):
 
 
 def test_beam_of_one_is_greedy(model):
-    greedy, _ = greedy_decode(model, SRC, max_extra=6)
-    beams, _ = beam_search(model, SRC, beam_size=1, alpha=0.6, max_extra=6)
+    greedy, _ = greedy_decode(model, SRC, max_extra=6, **IDS)
+    beams, _ = beam_search(model, SRC, beam_size=1, alpha=0.6, max_extra=6, **IDS)
     np.testing.assert_array_equal(np.asarray(beams)[:, 0], np.asarray(greedy))
 
 
@@ -75,7 +77,7 @@ def test_wide_beam_finds_the_exhaustive_best(model):
     candidates += [(a, b, EOS_ID) for a, b in itertools.product(tokens, tokens)]  # the limit forces EOS
     scored = {c: _sequence_log_prob(model, src, c) / float(length_penalty(jnp.array(len(c)), alpha)) for c in candidates}
     best = max(scored, key=scored.get)
-    beams, scores = beam_search(model, src, beam_size=len(candidates), alpha=alpha, max_extra=max_extra)
+    beams, scores = beam_search(model, src, beam_size=len(candidates), alpha=alpha, max_extra=max_extra, **IDS)
     found = tuple(int(t) for t in np.asarray(beams)[0, 0] if t != PAD_ID)
     assert found == best
     np.testing.assert_allclose(float(scores[0, 0]), scored[best], atol=1e-4)
@@ -84,8 +86,8 @@ def test_wide_beam_finds_the_exhaustive_best(model):
 
 
 def test_padding_in_the_batch_does_not_change_translations(model):
-    alone = [np.asarray(beam_search(model, SRC[i : i + 1, : 5 - i * 2], 3, 0.6, 4)[0])[0, 0] for i in range(2)]
-    batch = np.asarray(beam_search(model, jnp.pad(SRC, ((0, 0), (0, 3))), 3, 0.6, 4)[0])[:, 0]
+    alone = [np.asarray(beam_search(model, SRC[i : i + 1, : 5 - i * 2], 3, 0.6, 4, **IDS)[0])[0, 0] for i in range(2)]
+    batch = np.asarray(beam_search(model, jnp.pad(SRC, ((0, 0), (0, 3))), 3, 0.6, 4, **IDS)[0])[:, 0]
     for i in range(2):
         n = len(alone[i])
         np.testing.assert_array_equal(batch[i, :n], alone[i])
@@ -95,7 +97,7 @@ def test_padding_in_the_batch_does_not_change_translations(model):
 def test_language_model_greedy_generation_with_prefill():
     lm = TransformerLM(CONFIG, rngs=nnx.Rngs(3))
     prompt = jnp.array([[4, 5, 6]], jnp.int32)
-    out = np.asarray(generate(lm, prompt, max_new_tokens=4))[0]
+    out = np.asarray(generate(lm, prompt, max_new_tokens=4, **IDS))[0]
     seq = prompt
     for t in out:
         logits = np.array(lm(seq))[0, -1]
@@ -105,21 +107,67 @@ def test_language_model_greedy_generation_with_prefill():
             break
         seq = jnp.concatenate([seq, jnp.array([[t]], jnp.int32)], axis=1)
     # A left-padded prompt continues the same way.
-    padded = np.asarray(generate(lm, jnp.array([[PAD_ID, PAD_ID, 4, 5, 6]], jnp.int32), max_new_tokens=4))[0]
+    padded = np.asarray(generate(lm, jnp.array([[PAD_ID, PAD_ID, 4, 5, 6]], jnp.int32), max_new_tokens=4, **IDS))[0]
     np.testing.assert_array_equal(padded, out)
     # Sampling with top_k=1 is greedy; temperature sampling stays inside the vocabulary.
-    np.testing.assert_array_equal(np.asarray(generate(lm, prompt, 4, temperature=1.0, top_k=1, rngs=nnx.Rngs(sample=1)))[0], out)
-    sampled = np.asarray(generate(lm, prompt, 4, temperature=1.5, rngs=nnx.Rngs(sample=2)))
+    np.testing.assert_array_equal(np.asarray(generate(lm, prompt, 4, temperature=1.0, top_k=1, rngs=nnx.Rngs(sample=1), **IDS))[0], out)
+    sampled = np.asarray(generate(lm, prompt, 4, temperature=1.5, rngs=nnx.Rngs(sample=2), **IDS))
     assert ((sampled >= 0) & (sampled < CONFIG.vocab_size)).all()
 
 
 
 def test_decoding_without_the_cache_gives_the_same_outputs(model):
-    cached, cached_lp = greedy_decode(model, SRC, max_extra=5)
-    uncached, uncached_lp = greedy_decode(model, SRC, max_extra=5, use_cache=False)
+    cached, cached_lp = greedy_decode(model, SRC, max_extra=5, **IDS)
+    uncached, uncached_lp = greedy_decode(model, SRC, max_extra=5, use_cache=False, **IDS)
     np.testing.assert_array_equal(np.asarray(uncached), np.asarray(cached))
     np.testing.assert_allclose(np.asarray(uncached_lp), np.asarray(cached_lp), atol=1e-4)
-    beams, scores = beam_search(model, SRC, 3, 0.6, 4)
-    beams_nc, scores_nc = beam_search(model, SRC, 3, 0.6, 4, use_cache=False)
+    beams, scores = beam_search(model, SRC, 3, 0.6, 4, **IDS)
+    beams_nc, scores_nc = beam_search(model, SRC, 3, 0.6, 4, use_cache=False, **IDS)
     np.testing.assert_array_equal(np.asarray(beams_nc), np.asarray(beams))
     np.testing.assert_allclose(np.asarray(scores_nc), np.asarray(scores), atol=1e-4)
+
+
+@pytest.mark.parametrize("encoding", ["learned", "sinusoidal"])
+def test_decoding_past_max_len_is_a_clear_error(encoding):
+    # Decoding a source of length 5 with max_extra 4 runs the decoder over positions 0 … 8. A learned
+    # table of max_len = 8 rows has no row 8 (the gather would give NaN); sinusoids have the same
+    # limit, as the model's own check of input lengths does for both encodings.
+    config = dataclasses.replace(CONFIG, positional_encoding=encoding, max_len=8)
+    model = Transformer(config, rngs=nnx.Rngs(1))
+    message = r"src length 5 \+ max_extra 4 = 9 decoder positions > max_len=8 .*max_extra to at most 3"
+    with pytest.raises(ValueError, match=message):
+        greedy_decode(model, SRC, max_extra=4, **IDS)
+    with pytest.raises(ValueError, match=message):
+        greedy_decode(model, SRC, max_extra=4, use_cache=False, **IDS)
+    with pytest.raises(ValueError, match=message):
+        beam_search(model, SRC, 2, 0.6, max_extra=4, **IDS)
+    lm = TransformerLM(config, rngs=nnx.Rngs(2))
+    with pytest.raises(ValueError, match=r"prompt length 3 \+ max_new_tokens 6 = 9 .*max_len=8"):
+        generate(lm, SRC[:, :3], max_new_tokens=6, **IDS)
+    if encoding == "learned":  # at the limit every position has its row: finite scores, full length
+        tokens, log_prob = greedy_decode(model, SRC, max_extra=3, **IDS)
+        assert tokens.shape == (2, 8) and np.isfinite(np.asarray(log_prob)).all()
+
+
+def test_search_uses_the_special_ids_it_is_given(model):
+    # Relabel the vocabulary (pad 0 <-> 5, BOS 2 <-> 7, EOS 3 <-> 10) in a copy of the model whose
+    # config.pad_id is 5 and whose embedding row perm[i] is the original's row i: its outputs must
+    # be the relabelled outputs of the original, with padding 5 after its end token 10.
+    perm = np.arange(CONFIG.vocab_size)
+    for a, b in ((PAD_ID, 5), (BOS_ID, 7), (EOS_ID, 10)):
+        perm[a], perm[b] = b, a
+    relabelled = Transformer(dataclasses.replace(CONFIG, pad_id=5), rngs=nnx.Rngs(0))
+    nnx.update(relabelled, nnx.state(model))
+    E = relabelled.src_embed.token_embedding.embedding
+    E[...] = E[...][np.argsort(perm)]
+    src = jnp.asarray(perm[np.asarray(SRC)])
+    ids = dict(bos_id=int(perm[BOS_ID]), eos_id=int(perm[EOS_ID]))
+    greedy, log_prob = greedy_decode(model, SRC, max_extra=5, **IDS)
+    greedy_r, log_prob_r = greedy_decode(relabelled, src, max_extra=5, **ids)
+    np.testing.assert_array_equal(np.asarray(greedy_r), perm[np.asarray(greedy)])
+    np.testing.assert_allclose(np.asarray(log_prob_r), np.asarray(log_prob), atol=1e-5)
+    assert (np.asarray(greedy) == PAD_ID).any()  # the comparison covers padding after the end
+    beams, scores = beam_search(model, SRC, 3, 0.6, 4, **IDS)
+    beams_r, scores_r = beam_search(relabelled, src, 3, 0.6, 4, **ids)
+    np.testing.assert_array_equal(np.asarray(beams_r), perm[np.asarray(beams)])
+    np.testing.assert_allclose(np.asarray(scores_r), np.asarray(scores), atol=1e-5)

@@ -84,21 +84,14 @@ def test_read_text_lines_names_the_line_of_a_bad_byte(tmp_path):
     assert str(err.value).startswith(f"{path} line 4 is not valid UTF-8 (byte 0x80 at byte 1 of the line)")
 
 
-@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
-def test_vocabulary_too_small_for_the_characters_names_the_minimum(tmp_path, monkeypatch, model_type):
-    from transformer.tokenizer import SentencePieceTokenizer
+@pytest.mark.parametrize("tokenizer_type", ["unigram", "bpe"])
+def test_vocabulary_too_small_for_the_characters_names_the_minimum(tmp_path, tokenizer_type):
     from transformer.trainer import Corpus, make_tokenizer
     from transformer.training import TrainConfig
 
-    original = SentencePieceTokenizer.train.__func__
-
-    def train(cls, texts, vocab_size, workdir, **kwargs):
-        return original(cls, texts, vocab_size, workdir, **{**kwargs, "model_type": model_type})
-
-    monkeypatch.setattr(SentencePieceTokenizer, "train", classmethod(train))
     # 26 + 12 + 9 distinct letters and the word-boundary piece "▁": 48 characters, + 4 special tokens.
     pairs = [("abcdefghijklmnopqrstuvwxyz", "zyxwvutsrqponmlkjih"), ("ABCDEFGHIJKL", "MNOPQRSTU")]
-    config = TrainConfig(dataset_dir=str(tmp_path))
+    config = TrainConfig(dataset_dir=str(tmp_path), tokenizer_type=tokenizer_type)
     with pytest.raises(DataError) as err:
         make_tokenizer(config, Corpus(pairs, pairs, None), 51, str(tmp_path / "a"))
     assert str(err.value) == ("--vocab_size 51 is too small for the training text: its distinct characters and the "

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from transformer.tokenizer import Tokenizer
 
 Pair = tuple[str, str]
 BUCKET_STEP = 8  # bucket lengths are multiples of 8 (fewer shapes to compile, little padding)
@@ -165,10 +165,13 @@ def load_folder_pairs(root: str, split: str, src_lang: str, tgt_lang: str) -> li
 @dataclass
 class Examples:
     """Tokenised pairs: source ids end with EOS; target ids end with EOS (the decoder input is
-    BOS + target without its EOS)."""
+    BOS + target without its EOS). `pad_id` and `bos_id` are those of the tokenizer that made them,
+    for the batches built from them."""
 
     src: list[np.ndarray]
     tgt: list[np.ndarray]
+    pad_id: int
+    bos_id: int
 
     def __len__(self):
         return len(self.src)
@@ -182,9 +185,9 @@ def encode_pairs(pairs: Sequence[Pair], tokenizer: Tokenizer, max_length: int) -
     for s_ids, t_ids in zip(src_ids, tgt_ids):
         # Both sides end with EOS; empty sentences (EOS alone) and over-long ones are dropped.
         if 0 < len(s_ids) < max_length and 0 < len(t_ids) < max_length:
-            src.append(np.asarray(s_ids + [EOS_ID], np.int32))
-            tgt.append(np.asarray(t_ids + [EOS_ID], np.int32))
-    return Examples(src, tgt)
+            src.append(np.asarray(s_ids + [tokenizer.eos_id], np.int32))
+            tgt.append(np.asarray(t_ids + [tokenizer.eos_id], np.int32))
+    return Examples(src, tgt, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id)
 
 
 def _round_up(n: int, step: int) -> int:
@@ -203,23 +206,27 @@ def rows_per_batch(batch_tokens: int, length: int, multiple: int) -> int:
     return rows
 
 
-def _collate(examples: Examples, indices: Sequence[int], length: int, rows: int) -> dict[str, np.ndarray]:
-    """Unpacked batch: one example per row, padded to `length`; missing rows are all padding."""
-    batch = {k: np.full((rows, length), PAD_ID, np.int32) for k in ("src", "tgt_in", "tgt_out")}
+def _collate(examples: Examples, indices: Sequence[int], length: int, rows: int, pad_id: int,
+             bos_id: int) -> dict[str, np.ndarray]:
+    """Unpacked batch: one example per row, padded with pad_id to `length`; missing rows are all
+    padding."""
+    batch = {k: np.full((rows, length), pad_id, np.int32) for k in ("src", "tgt_in", "tgt_out")}
     for r, i in enumerate(indices):
         s, t = examples.src[i], examples.tgt[i]
         batch["src"][r, : len(s)] = s
-        batch["tgt_in"][r, 0] = BOS_ID
+        batch["tgt_in"][r, 0] = bos_id
         batch["tgt_in"][r, 1 : len(t)] = t[:-1]
         batch["tgt_out"][r, : len(t)] = t
     return batch
 
 
-def _collate_packed(examples: Examples, packed_rows: Sequence[Sequence[int]], length: int, rows: int) -> dict[str, np.ndarray]:
+def _collate_packed(examples: Examples, packed_rows: Sequence[Sequence[int]], length: int, rows: int,
+                    pad_id: int, bos_id: int) -> dict[str, np.ndarray]:
     """Packed batch: several examples per row, with segment ids (1, 2, …; 0 = padding) and
-    positions restarting at 0 for every example."""
-    names = ("src", "tgt_in", "tgt_out", "src_segments", "tgt_segments", "src_positions", "tgt_positions")
-    batch = {k: np.zeros((rows, length), np.int32) for k in names}
+    positions restarting at 0 for every example; the rest of each row is pad_id."""
+    tokens, meta = ("src", "tgt_in", "tgt_out"), ("src_segments", "tgt_segments", "src_positions", "tgt_positions")
+    batch = {k: np.full((rows, length), pad_id, np.int32) for k in tokens}
+    batch.update({k: np.zeros((rows, length), np.int32) for k in meta})
     for r, members in enumerate(packed_rows):
         s_at = t_at = 0
         for seg, i in enumerate(members, start=1):
@@ -227,7 +234,7 @@ def _collate_packed(examples: Examples, packed_rows: Sequence[Sequence[int]], le
             batch["src"][r, s_at : s_at + len(s)] = s
             batch["src_segments"][r, s_at : s_at + len(s)] = seg
             batch["src_positions"][r, s_at : s_at + len(s)] = np.arange(len(s))
-            batch["tgt_in"][r, t_at] = BOS_ID
+            batch["tgt_in"][r, t_at] = bos_id
             batch["tgt_in"][r, t_at + 1 : t_at + len(t)] = t[:-1]
             batch["tgt_out"][r, t_at : t_at + len(t)] = t
             batch["tgt_segments"][r, t_at : t_at + len(t)] = seg
@@ -291,9 +298,10 @@ class BatchPlan:
 
     def collate(self, plan) -> dict[str, np.ndarray]:
         length, rows, members = plan
+        ids = dict(pad_id=self.examples.pad_id, bos_id=self.examples.bos_id)
         if self.packing:
-            return _collate_packed(self.examples, members, length, rows)
-        return _collate(self.examples, members, length, rows)
+            return _collate_packed(self.examples, members, length, rows, **ids)
+        return _collate(self.examples, members, length, rows, **ids)
 
     def batches(self, start: int = 0, epochs: int | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """(position, batch) from global batch number `start` on; forever unless `epochs` is given."""

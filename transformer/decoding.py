@@ -1,7 +1,11 @@
 """§6.1 Inference: greedy decoding and beam search (beam 4, length penalty α = 0.6, maximum output
 length = input length + 50) for the encoder-decoder, and prompt continuation for the LM; all
 through the key/value cache, inside one jit-compiled `lax.while_loop` that stops once every
-sequence has finished."""
+sequence has finished.
+
+Search is given the begin and end ids (`bos_id`, `eos_id`: the tokenizer's) and takes padding from
+`model.config.pad_id`; it knows no tokenizer. Outputs hold the end id, then padding.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +16,31 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
-
 NEG_INF = -1e9  # a finite "impossible" score, so that arithmetic on it never makes NaNs
 
 
-def _never_generate(log_p: jax.Array) -> jax.Array:
+def _never_generate(log_p: jax.Array, pad_id: int, bos_id: int) -> jax.Array:
     """Padding and the begin token are never outputs (the decoder's input mask would hide them)."""
     vocab = jnp.arange(log_p.shape[-1]).reshape((1,) * (log_p.ndim - 1) + (-1,))
-    return jnp.where((vocab == PAD_ID) | (vocab == BOS_ID), NEG_INF, log_p)
+    return jnp.where((vocab == pad_id) | (vocab == bos_id), NEG_INF, log_p)
+
+
+def check_decode_length(config, src_len: int, max_extra: int, what: str = "src length",
+                        extra_name: str = "max_extra") -> None:
+    """Raise ValueError (before tracing) unless every decoder position fits in config.max_len.
+
+    Decoding src_len tokens runs the decoder over positions 0 … src_len + max_extra - 1. A learned
+    position table has only max_len rows, and a gather past its end gives NaN; sinusoids would
+    extrapolate, but the model refuses sequences longer than max_len with either encoding
+    (`check_tokens`), so decoding applies the same limit to both."""
+    if max_extra < 0:
+        raise ValueError(f"{extra_name} must be >= 0, got {max_extra}")
+    if src_len + max_extra > config.max_len:
+        raise ValueError(
+            f"{what} {src_len} + {extra_name} {max_extra} = {src_len + max_extra} decoder positions > "
+            f"max_len={config.max_len} of the model ({config.positional_encoding} positions): lower {extra_name} "
+            f"to at most {max(config.max_len - src_len, 0)}, shorten the input, or use a model with a larger max_len"
+        )
 
 
 def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
@@ -39,7 +59,7 @@ def _start_decoder(model, src, max_len: int, use_cache: bool):
     return memory, (model.init_cache(memory, max_len) if use_cache else None)
 
 
-def _next_log_probs(model, src, tokens, i, carried, use_cache: bool):
+def _next_log_probs(model, src, tokens, i, carried, use_cache: bool, bos_id: int):
     """log P(next token | tokens[:, :i+1]) for every row, and the updated carry.
 
     With the cache only the newest token runs through the decoder; without it the decoder runs over
@@ -51,15 +71,17 @@ def _next_log_probs(model, src, tokens, i, carried, use_cache: bool):
         logits = logits[:, 0]
     else:
         logits = jax.lax.dynamic_index_in_dim(model.decode(memory, src, tokens[:, :-1]), i, axis=1, keepdims=False)
-    return _never_generate(jax.nn.log_softmax(logits.astype(jnp.float32))), (memory, cache)
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return _never_generate(log_p, model.config.pad_id, bos_id), (memory, cache)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_extra", "use_cache"))
-def _greedy(graphdef, params, src, max_extra: int, use_cache: bool):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_extra", "use_cache", "bos_id", "eos_id"))
+def _greedy(graphdef, params, src, max_extra: int, use_cache: bool, bos_id: int, eos_id: int):
     model = nnx.merge(graphdef, params)
+    pad_id = model.config.pad_id
     batch, max_len = src.shape[0], src.shape[1] + max_extra
-    limits = _output_limits(src, max_extra, model.config.pad_id)
-    tokens = jnp.full((batch, max_len + 1), PAD_ID, jnp.int32).at[:, 0].set(BOS_ID)
+    limits = _output_limits(src, max_extra, pad_id)
+    tokens = jnp.full((batch, max_len + 1), pad_id, jnp.int32).at[:, 0].set(bos_id)
 
     def cond(carry):
         i, _, _, finished, _ = carry
@@ -67,12 +89,12 @@ def _greedy(graphdef, params, src, max_extra: int, use_cache: bool):
 
     def body(carry):
         i, tokens, carried, finished, log_prob = carry
-        log_p, carried = _next_log_probs(model, src, tokens, i, carried, use_cache)
-        next_token = jnp.where(i + 1 >= limits, EOS_ID, log_p.argmax(-1))
+        log_p, carried = _next_log_probs(model, src, tokens, i, carried, use_cache, bos_id)
+        next_token = jnp.where(i + 1 >= limits, eos_id, log_p.argmax(-1))
         log_prob = log_prob + jnp.where(finished, 0.0, jnp.take_along_axis(log_p, next_token[:, None], 1)[:, 0])
-        next_token = jnp.where(finished, PAD_ID, next_token)
+        next_token = jnp.where(finished, pad_id, next_token)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, next_token[:, None], i + 1, axis=1)
-        return i + 1, tokens, carried, finished | (next_token == EOS_ID), log_prob
+        return i + 1, tokens, carried, finished | (next_token == eos_id), log_prob
 
     init = (jnp.zeros((), jnp.int32), tokens, _start_decoder(model, src, max_len, use_cache),
             jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.float32))
@@ -81,13 +103,16 @@ def _greedy(graphdef, params, src, max_extra: int, use_cache: bool):
 
 
 def greedy_decode(
-    model, src: Int[Array, "b s"], max_extra: int = 50, use_cache: bool = True
+    model, src: Int[Array, "b s"], max_extra: int = 50, use_cache: bool = True, *, bos_id: int, eos_id: int
 ) -> tuple[Int[Array, "b l"], Float[Array, "b"]]:
-    """The most likely next token at every step. Returns tokens [b, s + max_extra] (EOS, then
+    """The most likely next token at every step. Returns tokens [b, s + max_extra] (eos_id, then
     padding, after the end) and each sequence's log-probability. use_cache=False recomputes the
-    decoder over the prefix at every step (the baseline the cache is measured against)."""
+    decoder over the prefix at every step (the baseline the cache is measured against).
+    s + max_extra must not exceed model.config.max_len (ValueError otherwise: `check_decode_length`)."""
+    src = jnp.asarray(src, jnp.int32)
+    check_decode_length(model.config, src.shape[-1], max_extra)
     graphdef, params = nnx.split(model)
-    return _greedy(graphdef, params, jnp.asarray(src, jnp.int32), max_extra, use_cache)
+    return _greedy(graphdef, params, src, max_extra, use_cache, int(bos_id), int(eos_id))
 
 
 def _gather_beams(x: jax.Array, parents: jax.Array) -> jax.Array:
@@ -95,15 +120,16 @@ def _gather_beams(x: jax.Array, parents: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, parents.reshape(*parents.shape, *([1] * (x.ndim - 2))), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "beam", "alpha", "max_extra", "use_cache"))
-def _beam_search(graphdef, params, src, beam: int, alpha: float, max_extra: int, use_cache: bool):
+@functools.partial(jax.jit, static_argnames=("graphdef", "beam", "alpha", "max_extra", "use_cache", "bos_id", "eos_id"))
+def _beam_search(graphdef, params, src, beam: int, alpha: float, max_extra: int, use_cache: bool, bos_id: int,
+                 eos_id: int):
     model = nnx.merge(graphdef, params)
     pad_id = model.config.pad_id
     batch, max_len = src.shape[0], src.shape[1] + max_extra
     vocab = model.config.vocab_size
     limits = jnp.repeat(_output_limits(src, max_extra, pad_id), beam)  # [b·k]
     flat_src = jnp.repeat(src, beam, axis=0)  # beams of one input are adjacent: [b·k, s]
-    seqs = jnp.full((batch, beam, max_len + 1), PAD_ID, jnp.int32).at[:, :, 0].set(BOS_ID)
+    seqs = jnp.full((batch, beam, max_len + 1), pad_id, jnp.int32).at[:, :, 0].set(bos_id)
     # Only the first beam is live at the start, so the k beams do not all repeat one hypothesis.
     scores = jnp.full((batch, beam), NEG_INF).at[:, 0].set(0.0)  # log P of each hypothesis
     lengths = jnp.zeros((batch, beam), jnp.int32)
@@ -116,13 +142,13 @@ def _beam_search(graphdef, params, src, beam: int, alpha: float, max_extra: int,
     def body(carry):
         i, seqs, carried, scores, lengths, finished = carry
         log_p, (memory, cache) = _next_log_probs(
-            model, flat_src, seqs.reshape(batch * beam, -1), i, carried, use_cache
+            model, flat_src, seqs.reshape(batch * beam, -1), i, carried, use_cache, bos_id
         )  # [b·k, V]
         at_limit = (i + 1 >= limits)[:, None]
-        log_p = jnp.where(at_limit & (jnp.arange(vocab) != EOS_ID)[None, :], NEG_INF, log_p).reshape(batch, beam, vocab)
+        log_p = jnp.where(at_limit & (jnp.arange(vocab) != eos_id)[None, :], NEG_INF, log_p).reshape(batch, beam, vocab)
         # A live hypothesis extends by any token; a finished one only "extends" by padding, unchanged.
         extend = scores[..., None] + log_p
-        keep = jnp.where((jnp.arange(vocab) == PAD_ID)[None, None, :], scores[..., None], NEG_INF)
+        keep = jnp.where((jnp.arange(vocab) == pad_id)[None, None, :], scores[..., None], NEG_INF)
         cand_scores = jnp.where(finished[..., None], keep, extend)  # [b, k, V]
         cand_lengths = jnp.where(finished, lengths, i + 1)[..., None]
         rank = cand_scores / length_penalty(cand_lengths, alpha)
@@ -134,7 +160,7 @@ def _beam_search(graphdef, params, src, beam: int, alpha: float, max_extra: int,
         scores = jnp.take_along_axis(cand_scores.reshape(batch, -1), flat_best, axis=1)
         was_finished = _gather_beams(finished, parents)
         lengths = jnp.where(was_finished, _gather_beams(lengths, parents), i + 1)
-        finished = was_finished | (tokens == EOS_ID) | (scores <= NEG_INF / 2)
+        finished = was_finished | (tokens == eos_id) | (scores <= NEG_INF / 2)
         if cache is not None:  # each surviving hypothesis takes its parent's keys/values
             flat_parents = (parents + beam * jnp.arange(batch)[:, None]).reshape(-1)
             cache = [
@@ -154,36 +180,42 @@ def _beam_search(graphdef, params, src, beam: int, alpha: float, max_extra: int,
 
 def beam_search(
     model, src: Int[Array, "b s"], beam_size: int = 4, alpha: float = 0.6, max_extra: int = 50,
-    use_cache: bool = True,
+    use_cache: bool = True, *, bos_id: int, eos_id: int,
 ) -> tuple[Int[Array, "b k l"], Float[Array, "b k"]]:
     """§6.1 beam search. Returns the beam_size best hypotheses per input, best first ([b, k, l],
-    EOS then padding after each end), and their scores log P(Y) / lp(Y)."""
+    eos_id then padding after each end), and their scores log P(Y) / lp(Y).
+    s + max_extra must not exceed model.config.max_len (ValueError otherwise: `check_decode_length`)."""
+    src = jnp.asarray(src, jnp.int32)
+    check_decode_length(model.config, src.shape[-1], max_extra)
     graphdef, params = nnx.split(model)
-    return _beam_search(graphdef, params, jnp.asarray(src, jnp.int32), beam_size, float(alpha), max_extra, use_cache)
+    return _beam_search(graphdef, params, src, beam_size, float(alpha), max_extra, use_cache, int(bos_id), int(eos_id))
 
 
-def translate(model, src, beam_size: int = 4, alpha: float = 0.6, max_extra: int = 50) -> Int[Array, "b l"]:
+def translate(model, src, beam_size: int = 4, alpha: float = 0.6, max_extra: int = 50, *, bos_id: int,
+              eos_id: int) -> Int[Array, "b l"]:
     """Best output per input: greedy for beam_size 1, beam search otherwise."""
+    ids = dict(bos_id=bos_id, eos_id=eos_id)
     if beam_size == 1:
-        return greedy_decode(model, src, max_extra)[0]
-    return beam_search(model, src, beam_size, alpha, max_extra)[0][:, 0]
+        return greedy_decode(model, src, max_extra, **ids)[0]
+    return beam_search(model, src, beam_size, alpha, max_extra, **ids)[0][:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k"))
-def _generate(graphdef, params, prompt, key, max_new_tokens: int, temperature, top_k: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "bos_id", "eos_id"))
+def _generate(graphdef, params, prompt, key, max_new_tokens: int, temperature, top_k: int, bos_id: int, eos_id: int):
     model = nnx.merge(graphdef, params)
+    pad_id = model.config.pad_id
     batch, p = prompt.shape
     max_len = p + max_new_tokens
     # Prompts are left-padded: each row's positions start at 0 on its first real token.
-    pad = (prompt == PAD_ID).sum(axis=1)
-    key_valid = jnp.concatenate([prompt != PAD_ID, jnp.ones((batch, max_new_tokens), bool)], axis=1)
+    pad = (prompt == pad_id).sum(axis=1)
+    key_valid = jnp.concatenate([prompt != pad_id, jnp.ones((batch, max_new_tokens), bool)], axis=1)
     cache = model.init_cache(batch, max_len)
     positions = jnp.maximum(jnp.arange(p)[None, :] - pad[:, None], 0)
     logits, cache = model.decode_step(prompt, cache, 0, key_valid=key_valid, positions=positions)  # prefill
-    out = jnp.full((batch, max_new_tokens), PAD_ID, jnp.int32)
+    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
 
     def pick(logits, key):
-        logits = _never_generate(logits.astype(jnp.float32))
+        logits = _never_generate(logits.astype(jnp.float32), pad_id, bos_id)
         if top_k > 0:
             kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
             logits = jnp.where(logits < kth, NEG_INF, logits)
@@ -196,9 +228,9 @@ def _generate(graphdef, params, prompt, key, max_new_tokens: int, temperature, t
 
     def body(carry):
         i, out, last_logits, finished, cache = carry
-        token = jnp.where(finished, PAD_ID, pick(last_logits, jax.random.fold_in(key, i)))
+        token = jnp.where(finished, pad_id, pick(last_logits, jax.random.fold_in(key, i)))
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
-        finished = finished | (token == EOS_ID)
+        finished = finished | (token == eos_id)
         logits, cache = model.decode_step(token[:, None], cache, p + i, key_valid=key_valid,
                                           positions=(p + i - pad)[:, None])
         return i + 1, out, logits[:, 0], finished, cache
@@ -208,14 +240,17 @@ def _generate(graphdef, params, prompt, key, max_new_tokens: int, temperature, t
 
 
 def generate(lm, prompt: Int[Array, "b p"], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             rngs: nnx.Rngs | None = None) -> Int[Array, "b n"]:
-    """Continue left-padded prompts with a `TransformerLM`: the prompt is prefilled in one pass,
-    then tokens are chosen greedily (temperature 0) or sampled (temperature > 0, optionally from
-    the top_k most likely) until EOS or max_new_tokens."""
+             rngs: nnx.Rngs | None = None, *, bos_id: int, eos_id: int) -> Int[Array, "b n"]:
+    """Continue prompts (left-padded with lm.config.pad_id) with a `TransformerLM`: the prompt is
+    prefilled in one pass, then tokens are chosen greedily (temperature 0) or sampled (temperature
+    > 0, optionally from the top_k most likely) until eos_id or max_new_tokens. bos_id is never
+    generated. p + max_new_tokens must not exceed lm.config.max_len (ValueError otherwise)."""
+    prompt = jnp.asarray(prompt, jnp.int32)
+    check_decode_length(lm.config, prompt.shape[-1], max_new_tokens, "prompt length", "max_new_tokens")
     graphdef, params = nnx.split(lm)
     key = rngs.sample() if rngs is not None else jax.random.key(0)
-    return _generate(graphdef, params, jnp.asarray(prompt, jnp.int32), key, max_new_tokens,
-                     jnp.float32(temperature), top_k)
+    return _generate(graphdef, params, prompt, key, max_new_tokens, jnp.float32(temperature), top_k,
+                     int(bos_id), int(eos_id))
 
 
 def translate_batches(model, tokenizer, texts, beam_size: int = 4, alpha: float = 0.6, max_extra: int = 50,
@@ -245,7 +280,7 @@ def translate_batches(model, tokenizer, texts, beam_size: int = 4, alpha: float 
         if len(ids) > max_len - 1:
             print(f"warning: line {line} has {len(ids)} tokens but the model takes at most {max_len - 1} (max_len "
                   f"{max_len}, with the end token): only its first {max_len - 1} are translated", file=sys.stderr)
-        encoded.append(list(ids[: max_len - 1]) + [EOS_ID])
+        encoded.append(list(ids[: max_len - 1]) + [tokenizer.eos_id])
     # The decoders give every row of a batch the same max_extra and stop each row at its own length +
     # max_extra, over src.shape[1] + max_extra decoder positions. Rows whose limit fits in max_len
     # (length <= fits) are padded to at most `fits`, so that no row's limit is ever lowered for the
@@ -267,11 +302,12 @@ def translate_batches(model, tokenizer, texts, beam_size: int = 4, alpha: float 
                 batches.append((key, max_len - key, members))
     out: list[str] = [""] * len(texts)
     for length, extra, members in tqdm(batches, desc="translate", unit="batch", disable=not progress):
-        src = np.full((batch_size, length), PAD_ID, np.int32)
+        src = np.full((batch_size, length), model.config.pad_id, np.int32)
         for row, i in enumerate(members):
             src[row, : len(encoded[i])] = encoded[i]
-        src[len(members):, 0] = EOS_ID  # padding rows: an empty sentence
-        hyps = np.asarray(translate(model, src, beam_size, alpha, extra))
+        src[len(members):, 0] = tokenizer.eos_id  # padding rows: an empty sentence
+        hyps = np.asarray(translate(model, src, beam_size, alpha, extra, bos_id=tokenizer.bos_id,
+                                    eos_id=tokenizer.eos_id))
         for row, i in enumerate(members):
             out[i] = tokenizer.decode(hyps[row])
     return out

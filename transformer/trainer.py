@@ -70,7 +70,7 @@ def make_tokenizer(config: TrainConfig, corpus: Corpus, vocab_size: int, workdir
         return tokenizer
     texts = (text for pair in corpus.train for text in pair)
     try:
-        return SentencePieceTokenizer.train(texts, vocab_size, workdir)
+        return SentencePieceTokenizer.train(texts, vocab_size, workdir, model_type=config.tokenizer_type)
     except RuntimeError as err:  # SentencePiece's trainer reports bad input as RuntimeError("INTERNAL: …")
         # With character_coverage=1.0 every character of the text must be a piece of its own, and the
         # special tokens need theirs: SentencePiece names that minimum ("… required_chars. 20 vs 52.").
@@ -148,7 +148,7 @@ class Trainer:
         _check_workdir(workdir)
         self.corpus = load_corpus(train_config)
         self.tokenizer = make_tokenizer(train_config, self.corpus, model_config.vocab_size, workdir)
-        model_config = dataclasses.replace(model_config, vocab_size=self.tokenizer.vocab_size)
+        model_config = dataclasses.replace(model_config, vocab_size=self.tokenizer.vocab_size, pad_id=self.tokenizer.pad_id)
         self.model_config = _saved_configs(workdir, model_config, train_config)
         cfg = train_config
         self.train_examples = data_lib.encode_pairs(self.corpus.train, self.tokenizer, cfg.max_length)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import flax.struct
 import jax
@@ -20,6 +20,7 @@ from transformer.schedule import transformer_schedule
 Batch = dict[str, jax.Array]
 AXIS = "devices"  # the pmap axis name
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+TOKENIZER_TYPES = ("bpe", "unigram")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,9 @@ class TrainConfig:
     max_length: int = 256  # longest source or target (in tokens, EOS included) kept
     packing: bool = False
     synthetic_examples: int = 50_000  # size of the generated training set of the "reverse" task
+    # §5.1: byte-pair encoding (SentencePiece's BPE trainer); "unigram" is SentencePiece's unigram
+    # language model, a departure. Unused by the generated task, which has a character vocabulary.
+    tokenizer_type: Literal["bpe", "unigram"] = "bpe"
     # §5.3 Adam and the learning-rate schedule.
     adam_b1: float = 0.9
     adam_b2: float = 0.98
@@ -46,6 +50,8 @@ class TrainConfig:
     warmup_steps: int = 4000
     lr_scale: float = 1.0  # multiplies the §5.3 schedule (1.0 is the paper's)
     label_smoothing: float = 0.1  # §5.4
+    # Micro-batches per update: the update is the one-step update on their union (gradients summed,
+    # divided once by all their real target tokens), so batch_tokens·grad_accum_steps is the batch.
     grad_accum_steps: int = 1
     # Bookkeeping.
     log_every: int = 100
@@ -81,6 +87,10 @@ class TrainConfig:
             raise ConfigError("adam_eps and lr_scale must be positive")
         if self.length_penalty < 0:
             raise ConfigError(f"length_penalty must be >= 0, got {self.length_penalty!r}")
+        if self.tokenizer_type not in TOKENIZER_TYPES:
+            raise ConfigError(
+                f"tokenizer_type must be one of {', '.join(TOKENIZER_TYPES)}; got {self.tokenizer_type!r}"
+            )
         if self.rng_impl not in RNG_IMPLS:
             raise ConfigError(f"rng_impl must be one of {', '.join(RNG_IMPLS)}; got {self.rng_impl!r}")
         if self.src_lang == self.tgt_lang:
@@ -99,21 +109,24 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def make_optimizer(model_config: TransformerConfig, train_config: TrainConfig) -> optax.GradientTransformation:
-    """§5.3: Adam(β1=0.9, β2=0.98, ε=1e-9) with the warm-up / inverse-square-root schedule,
-    optionally accumulating gradients over grad_accum_steps micro-batches per update."""
+    """§5.3: Adam(β1=0.9, β2=0.98, ε=1e-9) with the warm-up / inverse-square-root schedule.
+
+    The schedule counts Adam updates: with gradient accumulation the train step calls `update` once
+    per grad_accum_steps micro-batches, so "step" in the §5.3 formula is an update, not a micro-batch."""
     schedule = transformer_schedule(model_config.d_model, train_config.warmup_steps, train_config.lr_scale)
-    tx = optax.adam(schedule, b1=train_config.adam_b1, b2=train_config.adam_b2, eps=train_config.adam_eps)
-    if train_config.grad_accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=train_config.grad_accum_steps)
-    return tx
+    return optax.adam(schedule, b1=train_config.adam_b1, b2=train_config.adam_b2, eps=train_config.adam_eps)
 
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # micro-batches done
+    step: jax.Array  # micro-batches done (= updates done · grad_accum_steps)
     params: nnx.State
     opt_state: optax.OptState
     rng: jax.Array  # raw key data; dropout keys are folded from it per step and device
+    # Gradient accumulation (None when grad_accum_steps == 1): the gradient of the summed loss over
+    # the micro-batches of the current update so far, and their real target tokens.
+    grad_sum: nnx.State | None = None
+    tokens_sum: jax.Array | None = None
 
 
 def create_train_state(
@@ -125,6 +138,8 @@ def create_train_state(
     tx = make_optimizer(model_config, train_config)
     rng = jax.random.key_data(jax.random.key(train_config.seed + 1, impl=train_config.rng_impl))
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+    if train_config.grad_accum_steps > 1:
+        state = state.replace(grad_sum=jax.tree.map(jnp.zeros_like, params), tokens_sum=jnp.zeros((), jnp.float32))
     return graphdef, state, tx
 
 
@@ -139,9 +154,26 @@ def make_train_step(
     pad_id: int,
     rng_impl: str = "threefry2x32",
     axis_name: str | None = None,
+    grad_accum_steps: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure train step. With `axis_name` (under pmap) the loss and gradients are summed over
-    devices, so the update equals the one-device update on the whole global batch."""
+    """The pure train step, called once per micro-batch. With `axis_name` (under pmap) the loss and
+    gradients are summed over devices, so the update equals the one-device update on the whole
+    global batch.
+
+    With grad_accum_steps = k > 1 the gradients of the summed loss and the real target tokens are
+    added into the state for k micro-batches; the k-th divides the gradient sum once by the token
+    sum and applies one Adam update, so the update equals the one-step update on the union of the
+    k micro-batches, however their real tokens are spread. (Averaging per-micro-batch means, as
+    optax.MultiSteps does, would weigh a micro-batch with few real tokens as much as a full one.)
+    """
+    if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+        raise ValueError(f"grad_accum_steps must be a positive integer, got {grad_accum_steps!r}")
+
+    def apply_update(state: TrainState, grad_sum, tokens: jax.Array):
+        # Gradient of the mean loss over all real target tokens of the (accumulated) global batch.
+        grads = jax.tree.map(lambda g: g / jnp.maximum(tokens, 1.0), grad_sum)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), opt_state
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=rng_impl), state.step)
@@ -160,11 +192,25 @@ def make_train_step(
         metrics["src_tokens"] = (batch["src"] != pad_id).sum().astype(jnp.float32)
         if axis_name is not None:
             grads, metrics = jax.lax.psum((grads, metrics), axis_name)
-        # Gradient of the mean loss over all real target tokens of the global batch.
-        grads = jax.tree.map(lambda g: g / jnp.maximum(metrics["tokens"], 1.0), grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        if grad_accum_steps == 1:
+            params, opt_state = apply_update(state, grads, metrics["tokens"])
+            return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+        grad_sum = jax.tree.map(jnp.add, state.grad_sum, grads)
+        tokens_sum = state.tokens_sum + metrics["tokens"]
+
+        def update(_):
+            params, opt_state = apply_update(state, grad_sum, tokens_sum)
+            return params, opt_state, jax.tree.map(jnp.zeros_like, grad_sum), jnp.zeros_like(tokens_sum)
+
+        def accumulate(_):
+            return state.params, state.opt_state, grad_sum, tokens_sum
+
+        # The step counter is the same on every device, so every device takes the same branch.
+        last_micro_batch = (state.step + 1) % grad_accum_steps == 0
+        params, opt_state, grad_sum, tokens_sum = jax.lax.cond(last_micro_batch, update, accumulate, None)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  grad_sum=grad_sum, tokens_sum=tokens_sum)
         return new_state, metrics
 
     return train_step
@@ -186,11 +232,12 @@ def make_eval_step(graphdef: nnx.GraphDef, label_smoothing: float, pad_id: int, 
 def compile_steps(graphdef, tx, model_config: TransformerConfig, train_config: TrainConfig, n_devices: int):
     """jit for one device, pmap (gradients summed over AXIS) for several; the state is donated."""
     common = dict(label_smoothing=train_config.label_smoothing, pad_id=model_config.pad_id)
+    step_options = dict(rng_impl=train_config.rng_impl, grad_accum_steps=train_config.grad_accum_steps)
     if n_devices == 1:
-        train = jax.jit(make_train_step(graphdef, tx, rng_impl=train_config.rng_impl, **common), donate_argnums=0)
+        train = jax.jit(make_train_step(graphdef, tx, **step_options, **common), donate_argnums=0)
         evaluate = jax.jit(make_eval_step(graphdef, **common))
     else:
-        train = jax.pmap(make_train_step(graphdef, tx, rng_impl=train_config.rng_impl, axis_name=AXIS, **common),
+        train = jax.pmap(make_train_step(graphdef, tx, axis_name=AXIS, **step_options, **common),
                          axis_name=AXIS, donate_argnums=0)
         evaluate = jax.pmap(make_eval_step(graphdef, axis_name=AXIS, **common), axis_name=AXIS)
     return train, evaluate
