@@ -3,7 +3,7 @@
 
     python benchmarks/train_step.py                      # CPU default: the small config, 4k tokens
     python benchmarks/train_step.py --presets base big --batch_shapes 25000x64 --dtypes bfloat16 \\
-        --attention reference fused --baselines flax torch      # on a GPU
+        --attention reference xla cudnn --baselines flax torch  # on a GPU
 
 For each case: compile time apart; the median of --steps step times after --warmup steps, each
 step bracketed by block_until_ready; tokens/s counts source + target tokens (the synthetic batches
@@ -30,7 +30,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from transformer.config import TransformerConfig  # noqa: E402
+from transformer.attention import resolve_attention_impl  # noqa: E402
+from transformer.config import ATTENTION_IMPLS, ConfigError, TransformerConfig  # noqa: E402
 from transformer.flops import forward_flops, peak_flops, train_flops  # noqa: E402
 from transformer.training import TrainConfig, compile_steps, create_train_state  # noqa: E402
 
@@ -142,7 +143,8 @@ def main():
     parser.add_argument("--batch_shapes", nargs="+", default=["4096x32"],
                         help="TOKENSxLENGTH: tokens per side per batch and sentence length")
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
-    parser.add_argument("--attention", nargs="+", default=["reference"], choices=["reference", "fused"])
+    parser.add_argument("--attention", nargs="+", default=["reference"], choices=list(ATTENTION_IMPLS),
+                        help="attention_impl values; 'auto' is reported with what it resolved to")
     parser.add_argument("--devices", nargs="+", default=["1"], choices=["1", "all"])
     parser.add_argument("--rng_impl", default="rbg", help="dropout random numbers for this library's step")
     parser.add_argument("--baselines", nargs="*", default=["flax", "torch"], choices=["flax", "torch"])
@@ -189,7 +191,14 @@ def main():
                           f"fwd {row['forward_tokens_per_s']:10.0f} tok/s  MFU {mfu}  compile {first:.1f} s", flush=True)
 
                 for attention in args.attention:
-                    config = dataclasses.replace(base_config, attention_impl=attention)
+                    try:
+                        config = dataclasses.replace(base_config, attention_impl=attention)
+                        resolved = resolve_attention_impl(config)
+                    except ConfigError as err:  # e.g. cudnn without a GPU or in float32: skipped, said why
+                        print(f"ours ({attention}): skipped ({err})")
+                        continue
+                    if attention == "auto":
+                        attention = f"auto: {resolved}"
                     for devices_arg in args.devices:
                         devices = jax.local_devices() if devices_arg == "all" else jax.local_devices()[:1]
                         if devices_arg == "all" and len(devices) == 1 and "1" in args.devices:

@@ -6,12 +6,17 @@ from flax import nnx
 
 from numpy_reference import attention, multi_head
 from transformer import (
+    ConfigError,
     MultiHeadAttention,
     TransformerConfig,
     causal_mask,
-    fused_dot_product_attention,
+    dot_product_attention,
+    padding_mask,
+    resolve_attention_impl,
     scaled_dot_product_attention,
+    segment_mask,
 )
+from transformer.masks import AttentionMask, cross_attention_mask, self_attention_mask
 
 # Every dimension a different size: batch 2, queries 3, keys 5, heads 4, d_k 6 (d_model 24).
 B, Q, K, H, D = 2, 3, 5, 4, 6
@@ -55,18 +60,103 @@ def test_reference_matches_numpy(use_mask):
             np.testing.assert_allclose(out[b, :, i], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "padding", "causal"])
-def test_fused_agrees_with_reference(mask_kind):
+@pytest.mark.parametrize("mask_kind", ["none", "dense", "causal_offset"])
+def test_xla_with_a_dense_mask_agrees_with_reference(mask_kind):
     q, k, v = _qkv(3)
     if mask_kind == "none":
         mask = None
-    elif mask_kind == "padding":
+    elif mask_kind == "dense":
         mask = jnp.asarray(_random_mask(4))
     else:
-        mask = causal_mask(Q, K, offset=1)
+        mask = causal_mask(Q, K, offset=1)  # the KV-cache decoding step's mask
     ref = scaled_dot_product_attention(q, k, v, mask)
-    fused = fused_dot_product_attention(q, k, v, mask)
-    np.testing.assert_allclose(np.asarray(fused), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    xla = dot_product_attention(q, k, v, AttentionMask(dense=mask), "xla")
+    np.testing.assert_allclose(np.asarray(xla), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+# The lengths path, every dimension a different size: batch 3, length 7 (self-attention; cross:
+# 6 queries over 7 keys), heads 2, d_k 5. Rows are right-padded to lengths 7, 4 and 0 (a filler row).
+LB, LS, LT, LH, LD = 3, 7, 6, 2, 5
+
+
+def _right_padded(lengths, length, seed):
+    tokens = np.random.default_rng(seed).integers(1, 9, (len(lengths), length))
+    for row, n in enumerate(lengths):
+        tokens[row, n:] = 0
+    return jnp.asarray(tokens, jnp.int32)
+
+
+def _segments(tokens, splits):
+    # Packed rows: example ids 1, 2, … starting at the given positions, 0 on padding.
+    segments = np.zeros(tokens.shape, np.int32)
+    for row, starts in enumerate(splits):
+        for start in starts:
+            segments[row, start:] += 1
+    return jnp.asarray(np.where(np.asarray(tokens) != 0, segments, 0), jnp.int32)
+
+
+@pytest.mark.parametrize("kind", ["self", "causal", "cross", "packed_self", "packed_causal", "packed_cross"])
+def test_lengths_and_causal_flag_through_xla_agree_with_dense_reference(kind):
+    rng = np.random.default_rng(8)
+    src = _right_padded([7, 4, 0], LS, 9)
+    tgt = _right_padded([6, 5, 0], LT, 10)
+    packed = kind.startswith("packed")
+    src_seg = _segments(src, [[0, 3], [0, 2], [0]])
+    tgt_seg = _segments(tgt, [[0, 2], [0, 4], [0]])
+    if kind.endswith("cross"):
+        q_tokens, k_tokens = tgt, src
+        mask = cross_attention_mask(src, 0, tgt_seg if packed else None, src_seg if packed else None)
+        dense = padding_mask(tgt, src) & (segment_mask(tgt_seg, src_seg) if packed else True)
+    else:
+        causal = kind.endswith("causal")
+        q_tokens = k_tokens = tgt if causal else src
+        seg = tgt_seg if causal else src_seg
+        mask = self_attention_mask(q_tokens, 0, causal=causal, segments=seg if packed else None)
+        dense = padding_mask(q_tokens, q_tokens)
+        if causal:
+            dense = dense & causal_mask(q_tokens.shape[1])
+        if packed:
+            dense = dense & segment_mask(seg, seg)
+    assert mask.causal == (kind.endswith("causal")) and (mask.dense is not None) == packed
+    q = jnp.asarray(rng.normal(size=(LB, q_tokens.shape[1], LH, LD)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(LB, k_tokens.shape[1], LH, LD)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(LB, k_tokens.shape[1], LH, LD)), jnp.float32)
+    ref = np.asarray(scaled_dot_product_attention(q, k, v, dense))
+    xla = np.asarray(dot_product_attention(q, k, v, mask, "xla"))
+    described = np.asarray(scaled_dot_product_attention(q, k, v, mask.to_dense(q.shape[1], k.shape[1])))
+    real = np.asarray(q_tokens) != 0  # padded queries' outputs are ignored by the loss
+    assert real.sum() == 11  # 7 + 4 + 0 source tokens, 6 + 5 + 0 target tokens
+    np.testing.assert_allclose(xla[real], ref[real], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(described[real], ref[real], rtol=1e-6, atol=1e-6)
+    # The masks matter here: attending everywhere gives other outputs (so the test can fail).
+    unmasked = np.asarray(scaled_dot_product_attention(q, k, v))
+    assert np.abs(unmasked[real] - ref[real]).max() > 1e-2
+
+
+def test_resolve_attention_impl():
+    def resolve(backend, dense_mask=False, **overrides):
+        config = TransformerConfig.tiny(**{"attention_impl": "auto", "dtype": "bfloat16", **overrides})
+        return resolve_attention_impl(config, backend, dense_mask=dense_mask)
+
+    # d_k = 64 / 4 = 16 in the tiny preset.
+    assert resolve("gpu") == "cudnn"
+    assert resolve("gpu", dense_mask=True) == "xla"  # segment ids of packed rows, the decoding step
+    assert resolve("gpu", dtype="float32") == "xla"  # cuDNN's flash attention takes fp16/bf16 only
+    assert resolve("gpu", d_model=48, h=4) == "xla"  # d_k = 12: not a multiple of 8
+    assert resolve("gpu", d_model=768, h=4) == "xla"  # d_k = 192: above 128, Hopper-only
+    assert resolve("gpu", attention_dropout_rate=0.1) == "reference"  # only the formula has dropout
+    assert resolve("cpu") == "xla" and resolve("tpu") == "xla"
+    for impl in ("reference", "xla"):
+        assert resolve("cpu", attention_impl=impl) == impl and resolve("gpu", attention_impl=impl) == impl
+    assert resolve("gpu", attention_impl="cudnn") == "cudnn"
+    with pytest.raises(ConfigError, match="needs a GPU but JAX runs on 'tpu': use attention_impl='auto' or 'xla'"):
+        resolve("tpu", attention_impl="cudnn")
+
+
+def test_cudnn_on_cpu_is_a_config_error_when_the_model_is_built():
+    config = TransformerConfig.tiny(attention_impl="cudnn", dtype="bfloat16")
+    with pytest.raises(ConfigError, match="attention_impl='cudnn' needs a GPU but JAX runs on 'cpu'"):
+        MultiHeadAttention(config, rngs=nnx.Rngs(0))
 
 
 def test_multi_head_matches_numpy():
@@ -83,14 +173,17 @@ def test_multi_head_matches_numpy():
         np.testing.assert_allclose(out[b], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_multi_head_fused_config_agrees():
+@pytest.mark.parametrize("impl", ["xla", "auto"])
+def test_multi_head_implementations_agree(impl):
+    assert jax.default_backend() == "cpu"  # "auto" must resolve to something that runs here
     ref_config = TransformerConfig.tiny(d_model=H * D, h=H)
-    fused_config = TransformerConfig.tiny(d_model=H * D, h=H, attention_impl="fused")
+    config = TransformerConfig.tiny(d_model=H * D, h=H, attention_impl=impl)
     x = jax.random.normal(jax.random.key(0), (B, K, H * D))
-    mask = causal_mask(K)
-    ref = MultiHeadAttention(ref_config, rngs=nnx.Rngs(7))(x, x, mask)
-    fused = MultiHeadAttention(fused_config, rngs=nnx.Rngs(7))(x, x, mask)
-    np.testing.assert_allclose(np.asarray(fused), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    tokens = jnp.array([[3, 4, 5, 6, 7], [3, 4, 5, 0, 0]])
+    for mask in (causal_mask(K), self_attention_mask(tokens, 0, causal=True)):
+        ref = MultiHeadAttention(ref_config, rngs=nnx.Rngs(7))(x, x, mask)
+        out = MultiHeadAttention(config, rngs=nnx.Rngs(7))(x, x, mask)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_weight_dropout_only_in_training():

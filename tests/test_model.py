@@ -86,7 +86,7 @@ def test_bfloat16_compute_keeps_float32_parameters():
     assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16, nnx.Param))} == {jnp.dtype("float32")}
     src, tgt = _tokens(22, (2, 6)), _tokens(23, (2, 5))
     low = nnx.jit(lambda m, s, t: m(s, t))(bf16, src, tgt)
-    assert low.dtype == jnp.bfloat16
+    assert low.dtype == jnp.float32  # computed in bf16, returned in float32 (tests/test_precision.py)
     high = np.asarray(f32(src, tgt))
     low = np.asarray(low.astype(jnp.float32))
     # Same parameters, so bf16 logits track the float32 ones up to bf16 rounding.
@@ -94,19 +94,38 @@ def test_bfloat16_compute_keeps_float32_parameters():
     assert (low.argmax(-1) == high.argmax(-1)).mean() > 0.8
 
 
-def test_pre_ln_and_learned_positions_and_fused_build_and_run():
-    for overrides in (dict(norm_position="pre"), dict(positional_encoding="learned"), dict(attention_impl="fused")):
+def test_pre_ln_and_learned_positions_and_attention_impls_build_and_run():
+    for overrides in (dict(norm_position="pre"), dict(positional_encoding="learned"), dict(attention_impl="xla"),
+                      dict(attention_impl="auto")):
         config = TransformerConfig.tiny(**overrides)
         logits = Transformer(config, rngs=nnx.Rngs(0))(jnp.ones((2, 4), jnp.int32), jnp.ones((2, 3), jnp.int32))
         assert logits.shape == (2, 3, config.vocab_size) and np.isfinite(np.asarray(logits)).all()
 
 
-def test_fused_model_agrees_with_reference_model():
+@pytest.mark.parametrize("impl", ["xla", "auto"])
+def test_attention_impls_agree_with_reference_model(impl):
+    # Right-padded rows of different lengths, then the same examples packed two to a row.
     src, tgt = _tokens(24, (2, 6)), _tokens(25, (2, 5))
-    src = src.at[1, 4:].set(0)
-    ref = Transformer(CONFIG, rngs=nnx.Rngs(3))(src, tgt)
-    fused = Transformer(dataclasses.replace(CONFIG, attention_impl="fused"), rngs=nnx.Rngs(3))(src, tgt)
-    np.testing.assert_allclose(np.asarray(fused), np.asarray(ref), atol=1e-5)
+    src, tgt = src.at[1, 4:].set(0), tgt.at[1, 3:].set(0)
+    reference = Transformer(CONFIG, rngs=nnx.Rngs(3))
+    other = Transformer(dataclasses.replace(CONFIG, attention_impl=impl), rngs=nnx.Rngs(3))
+    real = np.asarray(tgt) != 0
+    ref = np.asarray(reference(src, tgt))
+    np.testing.assert_allclose(np.asarray(other(src, tgt))[real], ref[real], atol=1e-5)
+    packed = dict(src_segments=jnp.array([[1, 1, 1, 2, 2, 0]]), src_positions=jnp.array([[0, 1, 2, 0, 1, 0]]),
+                  tgt_segments=jnp.array([[1, 1, 2, 2, 2, 0]]), tgt_positions=jnp.array([[0, 1, 0, 1, 2, 0]]))
+    p_src, p_tgt = _tokens(26, (1, 6)).at[:, 5:].set(0), _tokens(27, (1, 6)).at[:, 5:].set(0)
+    real = np.asarray(p_tgt) != 0
+    ref = np.asarray(reference(p_src, p_tgt, **packed))
+    np.testing.assert_allclose(np.asarray(other(p_src, p_tgt, **packed))[real], ref[real], atol=1e-5)
+    # The LM and the classifier use the same masks.
+    lm_ref = TransformerLM(CONFIG, rngs=nnx.Rngs(4))(tgt)
+    lm = TransformerLM(dataclasses.replace(CONFIG, attention_impl=impl), rngs=nnx.Rngs(4))(tgt)
+    lm_real = np.asarray(tgt) != 0
+    np.testing.assert_allclose(np.asarray(lm)[lm_real], np.asarray(lm_ref)[lm_real], atol=1e-5)
+    clf_ref = TransformerClassifier(CONFIG, num_classes=3, rngs=nnx.Rngs(5))(src)
+    clf = TransformerClassifier(dataclasses.replace(CONFIG, attention_impl=impl), num_classes=3, rngs=nnx.Rngs(5))(src)
+    np.testing.assert_allclose(np.asarray(clf), np.asarray(clf_ref), atol=1e-5)
 
 
 def test_language_model_is_causal():

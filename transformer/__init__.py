@@ -1,17 +1,19 @@
 """The Transformer of "Attention Is All You Need" (Vaswani et al., 2017) as Flax NNX modules."""
 
-from transformer.attention import MultiHeadAttention, fused_dot_product_attention, scaled_dot_product_attention
+from transformer.attention import (
+    MultiHeadAttention, dot_product_attention, resolve_attention_impl, scaled_dot_product_attention,
+)
 from transformer.config import ConfigError, TransformerConfig
 from transformer.embeddings import InputEmbedding, TokenEmbedding, sinusoidal_positional_encoding
 from transformer.feed_forward import PositionwiseFeedForward
 from transformer.layers import Decoder, DecoderLayer, Encoder, EncoderLayer, ResidualSublayer
-from transformer.masks import attention_masks, causal_mask, padding_mask, segment_mask
+from transformer.masks import AttentionMask, attention_masks, causal_mask, padding_mask, segment_mask
 from transformer.model import Transformer, TransformerClassifier, TransformerLM, count_parameters
 
 __all__ = [
-    "ConfigError", "Decoder", "DecoderLayer", "Encoder", "EncoderLayer", "InputEmbedding", "MultiHeadAttention",
-    "PositionwiseFeedForward", "ResidualSublayer", "TokenEmbedding", "Transformer", "TransformerClassifier",
-    "TransformerConfig", "TransformerLM", "attention_masks", "causal_mask", "count_parameters",
-    "fused_dot_product_attention", "padding_mask", "scaled_dot_product_attention", "segment_mask",
-    "sinusoidal_positional_encoding",
+    "AttentionMask", "ConfigError", "Decoder", "DecoderLayer", "Encoder", "EncoderLayer", "InputEmbedding",
+    "MultiHeadAttention", "PositionwiseFeedForward", "ResidualSublayer", "TokenEmbedding", "Transformer",
+    "TransformerClassifier", "TransformerConfig", "TransformerLM", "attention_masks", "causal_mask",
+    "count_parameters", "dot_product_attention", "padding_mask", "resolve_attention_impl",
+    "scaled_dot_product_attention", "segment_mask", "sinusoidal_positional_encoding",
 ]

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from transformer.config import TransformerConfig
+from transformer.config import ConfigError, TransformerConfig
 from transformer.dropout import Dropout
+from transformer.masks import AttentionMask, as_attention_mask
 
 
 def scaled_dot_product_attention(
@@ -42,15 +43,76 @@ def scaled_dot_product_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
-def fused_dot_product_attention(
+IMPLEMENTATIONS = ("reference", "xla", "cudnn")
+
+# cuDNN's flash attention (jax._src.cudnn.fused_attention_stablehlo.check_is_flash_attention): fp16/bf16
+# inputs, a head size that is a multiple of 8 and at most 128 (256 from Hopper on; 128 is the size
+# every architecture takes).
+_CUDNN_DTYPES = ("bfloat16", "float16")
+_CUDNN_MAX_HEAD_SIZE = 128
+
+
+def resolve_attention_impl(
+    config: TransformerConfig, backend: str | None = None, *, dense_mask: bool = False
+) -> str:
+    """The implementation that computes attention: "reference", "xla" or "cudnn".
+
+    `config.attention_impl` as it is, except "auto": cuDNN's flash attention where it serves the
+    backend (default `jax.default_backend()`), the compute dtype (bf16/fp16), the head size d_k and
+    the mask (padding and causality only; `dense_mask=True` stands for the segment masks of packed
+    rows and the KV-cache decoding step, which go to XLA), else XLA; and the reference formula when
+    attention dropout is on, which only it implements. "cudnn" on a backend other than "gpu" raises
+    ConfigError.
+    """
+    backend = jax.default_backend() if backend is None else backend
+    impl = config.attention_impl
+    if impl == "cudnn" and backend != "gpu":
+        raise ConfigError(
+            f"attention_impl='cudnn' needs a GPU but JAX runs on {backend!r}: use attention_impl='auto' or 'xla'"
+        )
+    if impl != "auto":
+        return impl
+    if config.attention_dropout_rate > 0:
+        return "reference"
+    cudnn_serves = (
+        backend == "gpu"
+        and config.dtype in _CUDNN_DTYPES
+        and config.d_k % 8 == 0
+        and config.d_k <= _CUDNN_MAX_HEAD_SIZE
+        and not dense_mask
+    )
+    return "cudnn" if cudnn_serves else "xla"
+
+
+def dot_product_attention(
     q: Float[Array, "b q h d"],
     k: Float[Array, "b k h d"],
     v: Float[Array, "b k h d"],
-    mask: Bool[Array, "b #h q k"] | None = None,
+    mask: AttentionMask,
+    implementation: str,
 ) -> Float[Array, "b q h d"]:
-    """The same §3.2.1 formula through `jax.nn.dot_product_attention`, which XLA fuses and which runs
-    cuDNN's flash attention on GPUs for bf16/fp16 inputs. Same layout and mask convention."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+    """The same §3.2.1 formula through `jax.nn.dot_product_attention(implementation=…)` ("xla" or
+    "cudnn"): scores and softmax in float32, same layout.
+
+    The mask goes in the form the kernels take: padding as per-row key lengths
+    (`key_value_seq_lengths`), causality as `is_causal`, and only its dense part (packed rows' segments,
+    the decoding step's offset causality) as a boolean `mask`; cuDNN applies that one as an additive
+    bias. Query lengths are not passed: §3.2.1 masks keys only, and with them the kernels would zero
+    the outputs at padded queries, which the loss ignores anyway.
+    """
+    lengths, dense = mask.kv_lengths, mask.dense
+    if implementation == "cudnn":
+        if lengths is not None:
+            # A row that is all padding (a filler row of the last batch) would give cuDNN zero keys
+            # to normalise over; its outputs are ignored, so let it see key 0 rather than risk NaNs.
+            lengths = jnp.maximum(lengths, 1)
+        if dense is not None:
+            # cuDNN turns the mask into a bias, which must span the batch, query and key axes.
+            dense = jnp.broadcast_to(dense, (q.shape[0], dense.shape[1], q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=dense, scale=1.0 / math.sqrt(q.shape[-1]), is_causal=mask.causal,
+        key_value_seq_lengths=lengths, implementation=implementation,
+    )
 
 
 def _projection_init(in_axis, out_axis):
@@ -81,6 +143,7 @@ class MultiHeadAttention(nnx.Module):
         self.w_v = nnx.Param(qkv_init(rngs.params(), (d_model, h, d_v), jnp.float32))
         self.w_o = nnx.Param(_projection_init(in_axis=(0, 1), out_axis=2)(rngs.params(), (h, d_v, d_model), jnp.float32))
         self.weights_dropout = Dropout(config.attention_dropout_rate)
+        resolve_attention_impl(config)  # a request the device cannot serve fails here, when the model is built
 
     def project_query(self, x: Float[Array, "b q m"]) -> Float[Array, "b q h d"]:
         """Q·W_i^Q for every head i."""
@@ -100,19 +163,24 @@ class MultiHeadAttention(nnx.Module):
         q: Float[Array, "b q h d"],
         k: Float[Array, "b k h d"],
         v: Float[Array, "b k h d"],
-        mask: Bool[Array, "b #h q k"] | None,
+        mask: AttentionMask | Bool[Array, "b #h q k"] | None,
         *,
         deterministic: bool = True,
         rngs: nnx.Rngs | jax.Array | None = None,
     ) -> Float[Array, "b q m"]:
-        """Attention of every head, then Concat(head_1, …, head_h)·W^O."""
-        if self.config.attention_impl == "fused":
-            heads = fused_dot_product_attention(q, k, v, mask)
-        else:
+        """Attention of every head, then Concat(head_1, …, head_h)·W^O.
+
+        `mask` is an `AttentionMask` (transformer/masks.py) or a boolean array (True = may attend).
+        """
+        mask = as_attention_mask(mask)
+        impl = resolve_attention_impl(self.config, dense_mask=mask.dense is not None)
+        if impl == "reference":
             dropout = None
             if self.config.attention_dropout_rate > 0 and not deterministic:
                 dropout = lambda w: self.weights_dropout(w, deterministic=False, rngs=rngs)  # noqa: E731
-            heads = scaled_dot_product_attention(q, k, v, mask, weights_dropout=dropout)
+            heads = scaled_dot_product_attention(q, k, v, mask.to_dense(q.shape[1], k.shape[1]), weights_dropout=dropout)
+        else:
+            heads = dot_product_attention(q, k, v, mask, impl)
         dtype = self.config.compute_dtype
         return jnp.einsum("bqhd,hdm->bqm", heads, self.w_o[...].astype(dtype))
 
@@ -120,7 +188,7 @@ class MultiHeadAttention(nnx.Module):
         self,
         x_q: Float[Array, "b q m"],
         x_kv: Float[Array, "b k m"],
-        mask: Bool[Array, "b #h q k"] | None = None,
+        mask: AttentionMask | Bool[Array, "b #h q k"] | None = None,
         *,
         deterministic: bool = True,
         rngs: nnx.Rngs | jax.Array | None = None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-ATTENTION_IMPLS = ("reference", "fused")
+ATTENTION_IMPLS = ("reference", "xla", "cudnn", "auto")
 POSITIONAL_ENCODINGS = ("sinusoidal", "learned")
 NORM_POSITIONS = ("post", "pre")
 DTYPES = ("float32", "bfloat16")
@@ -44,10 +44,13 @@ class TransformerConfig:
     positional_encoding: Literal["sinusoidal", "learned"] = "sinusoidal"
     # §3.1 post-LN: LayerNorm(x + Sublayer(x)). "pre" (x + Sublayer(LayerNorm(x))) is a departure.
     norm_position: Literal["post", "pre"] = "post"
-    # "reference": the §3.2.1 formula written out; "fused": jax.nn.dot_product_attention
-    # (cuDNN flash attention on GPUs in bf16/fp16, XLA elsewhere).
-    attention_impl: Literal["reference", "fused"] = "reference"
-    # Compute dtype; parameters are always float32, softmax and LayerNorm statistics float32.
+    # Which code computes §3.2.1 (transformer/attention.py): "reference" (the formula written out),
+    # "xla" or "cudnn" (jax.nn.dot_product_attention with that implementation; "cudnn" is cuDNN's
+    # flash attention and needs a GPU), or "auto" (cuDNN where it supports the device, dtype, head
+    # size and mask, else XLA; never fails). `attention.resolve_attention_impl` says what runs.
+    attention_impl: Literal["reference", "xla", "cudnn", "auto"] = "reference"
+    # Compute dtype of activations and matrix multiplies; parameters, optimizer state, gradients,
+    # logits, softmax and LayerNorm statistics stay float32 (README.md, "Precision").
     dtype: Literal["float32", "bfloat16"] = "float32"
     layer_norm_epsilon: float = 1e-6
 
@@ -65,9 +68,21 @@ class TransformerConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
-        if self.attention_impl == "fused" and self.attention_dropout_rate > 0:
+        if self.attention_impl == "fused":
             raise ConfigError(
-                "attention_dropout_rate > 0 needs attention_impl='reference' (the fused kernel has no dropout)"
+                "attention_impl='fused' was renamed: use 'xla' (what 'fused' ran), 'cudnn' (cuDNN flash "
+                "attention, GPU only), 'auto' (the fastest the device supports) or 'reference'"
+            )
+        if self.attention_impl in ("xla", "cudnn") and self.attention_dropout_rate > 0:
+            raise ConfigError(
+                f"attention_dropout_rate > 0 needs attention_impl='reference' or 'auto' "
+                f"(jax.nn.dot_product_attention has no dropout); got attention_impl={self.attention_impl!r}"
+            )
+        if self.attention_impl == "cudnn" and (self.dtype != "bfloat16" or self.d_k % 8 or self.d_k > 256):
+            raise ConfigError(
+                f"attention_impl='cudnn' needs dtype='bfloat16' and a head size d_k = d_model / h that is a "
+                f"multiple of 8 and at most 256 (got dtype={self.dtype!r}, d_k={self.d_k}): change them or "
+                f"use attention_impl='auto' or 'xla'"
             )
         if not isinstance(self.pad_id, int) or not 0 <= self.pad_id < self.vocab_size:
             raise ConfigError(f"pad_id must be a token id in [0, vocab_size={self.vocab_size}), got {self.pad_id!r}")

@@ -37,7 +37,10 @@ class Dropout(nnx.Module):
     Same contract as nnx.Dropout; the draws are cheaper (benchmarks/README.md): each element gets a
     16-bit integer, two cut from each 32-bit word of `counter_bits`, and is dropped when it is below
     round(rate · 2^16). The rate is realised to within 2^-17 (0.1 becomes 6554/65536 = 0.100006) and
-    the scale uses the realised keep probability, so the expectation is exact.
+    the scale uses the realised keep probability, so the expectation is exact: the kept values are
+    multiplied by 1 / keep_prob in float32 and rounded to x's dtype once. (Scaling in bfloat16 would
+    round the factor itself, 1/0.9 to 1.109375, and shrink every kept value by 0.16%; one rounding of
+    each product is instead unbiased over values, and is what storing the result in x's dtype costs.)
     """
 
     def __init__(self, rate: float):
@@ -57,4 +60,5 @@ class Dropout(nnx.Module):
         else:
             draws = (counter_bits(key, x.shape) >> 16).astype(jnp.uint16)
         keep = draws >= jnp.uint16(self.threshold)
-        return jnp.where(keep, x * jnp.asarray(1.0 / keep_prob, x.dtype), jnp.zeros((), x.dtype))
+        scaled = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) * (1.0 / keep_prob)).astype(x.dtype)
+        return jnp.where(keep, scaled, jnp.zeros((), x.dtype))

@@ -28,7 +28,8 @@ def sinusoidal_positional_encoding(positions: Int[Array, "*batch l"], d_model: i
 
 @jax.custom_vjp
 def _tied_logits(x: Float[Array, "b l m"], table: Float[Array, "v m"]) -> Float[Array, "b l v"]:
-    return jnp.einsum("blm,vm->blv", x, table)
+    # The multiply runs in x's dtype (the compute dtype), the logits come out in float32.
+    return jnp.einsum("blm,vm->blv", x, table.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def _tied_logits_fwd(x, table):
@@ -36,14 +37,19 @@ def _tied_logits_fwd(x, table):
 
 
 def _tied_logits_bwd(residuals, g):
-    # The same gradients autodiff gives; written out so that the matrix gradient is computed as
-    # (xᵀ·g)ᵀ, transposing the small [b·l, d_model] operand: left to itself XLA:CPU transposes the
+    # The gradients autodiff gives, written out for two reasons. (1) The matrix gradient is computed
+    # as (xᵀ·g)ᵀ, transposing the small [b·l, d_model] operand: left to itself XLA:CPU transposes the
     # [b·l, vocab] gradient instead, a copy that cost about a tenth of a small model's step.
+    # (2) Precision: the float32 logit gradient enters the multiplies in the compute dtype (as any
+    # activation gradient does) and both products accumulate and come out in float32, so the
+    # table's gradient, a sum over every token of the batch, is never rounded to bfloat16.
     x, table = residuals
-    dx = jnp.einsum("blv,vm->blm", g, table)
+    dtype = x.dtype
+    g = g.astype(dtype)
+    dx = jnp.einsum("blv,vm->blm", g, table.astype(dtype), preferred_element_type=jnp.float32)
     x_t = x.reshape(-1, x.shape[-1]).T  # [m, b·l]
-    d_table = (x_t @ g.reshape(-1, g.shape[-1])).T  # [v, m]
-    return dx, d_table.astype(table.dtype)
+    d_table = jnp.matmul(x_t, g.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32).T  # [v, m]
+    return dx.astype(dtype), d_table.astype(table.dtype)
 
 
 _tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
@@ -60,20 +66,27 @@ class TokenEmbedding(nnx.Module):
         init = jax.nn.initializers.normal(stddev=config.d_model**-0.5)
         self.embedding = nnx.Param(init(rngs.params(), (config.vocab_size, config.d_model), jnp.float32))
 
-    def __call__(self, tokens: Int[Array, "b l"]) -> Float[Array, "b l m"]:
-        """E[tokens]·√d_model."""
-        table = self.embedding[...].astype(self.config.compute_dtype)
-        return jnp.take(table, tokens, axis=0) * math.sqrt(self.config.d_model)
+    def __call__(self, tokens: Int[Array, "b l"], dtype=None) -> Float[Array, "b l m"]:
+        """E[tokens]·√d_model, in `dtype` (default: the compute dtype).
+
+        The rows are gathered from the float32 table and scaled in float32, then cast: the gradient
+        of a gather is a scatter-add over every occurrence of a token, and in bfloat16 a token seen
+        thousands of times in a batch would lose most of its gradient to rounding.
+        """
+        dtype = self.config.compute_dtype if dtype is None else dtype
+        rows = jnp.take(self.embedding[...], tokens, axis=0)
+        return (rows * math.sqrt(self.config.d_model)).astype(dtype)
 
     def logits(self, x: Float[Array, "b l m"]) -> Float[Array, "b l v"]:
-        """The pre-softmax linear transformation with the same matrix: x·Eᵀ."""
-        dtype = self.config.compute_dtype
-        return _tied_logits(x.astype(dtype), self.embedding[...].astype(dtype))
+        """The pre-softmax linear transformation with the same matrix: x·Eᵀ, multiplied in the
+        compute dtype, returned in float32 (the loss and the beam scores use these values)."""
+        return _tied_logits(x.astype(self.config.compute_dtype), self.embedding[...])
 
 
 class PreSoftmaxProjection(nnx.Module):
     """§3.4: the linear transformation before the softmax: the shared embedding matrix, transposed
-    (share_embeddings=True, the paper's choice), or a matrix of its own.
+    (share_embeddings=True, the paper's choice), or a matrix of its own. Either way the logits are
+    float32 (the multiply runs in the compute dtype).
 
     The shared matrix is passed at call time rather than held here, so that it stays in the
     parameter tree where the embeddings are.
@@ -81,7 +94,8 @@ class PreSoftmaxProjection(nnx.Module):
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.linear = None if config.share_embeddings else nnx.Linear(
-            config.d_model, config.vocab_size, use_bias=False, dtype=config.compute_dtype, rngs=rngs
+            config.d_model, config.vocab_size, use_bias=False, dtype=config.compute_dtype,
+            preferred_element_type=jnp.float32, rngs=rngs,
         )
 
     def __call__(self, x: Float[Array, "b l m"], token_embedding: TokenEmbedding) -> Float[Array, "b l v"]:
@@ -120,5 +134,6 @@ class InputEmbedding(nnx.Module):
             pe = jnp.take(self.position_embedding[...], positions, axis=0)
         else:
             pe = sinusoidal_positional_encoding(positions, self.config.d_model)
-        x = self.token_embedding(tokens) + pe.astype(self.config.compute_dtype)
+        # The sum is formed in float32 and rounded to the compute dtype once.
+        x = (self.token_embedding(tokens, jnp.float32) + pe).astype(self.config.compute_dtype)
         return self.dropout(x, deterministic=deterministic, rngs=rngs)

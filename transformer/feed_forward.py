@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
@@ -13,12 +14,17 @@ class PositionwiseFeedForward(nnx.Module):
     """§3.3: FFN(x) = max(0, x·W1 + b1)·W2 + b2, the same at every position.
 
     W1 ∈ R^{d_model×d_ff}, W2 ∈ R^{d_ff×d_model}; inner size d_ff (2048 for base).
+    The multiplies run in the compute dtype; their products come out in float32 and the biases are
+    added there (so that a bias's gradient, a sum over every position of the batch, is a float32
+    sum), then the result is rounded to the compute dtype.
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-        dtype = config.compute_dtype
-        self.linear_1 = nnx.Linear(config.d_model, config.d_ff, dtype=dtype, rngs=rngs)  # W1, b1
-        self.linear_2 = nnx.Linear(config.d_ff, config.d_model, dtype=dtype, rngs=rngs)  # W2, b2
+        self.dtype = config.compute_dtype
+        linear = dict(dtype=self.dtype, preferred_element_type=jnp.float32, rngs=rngs)
+        self.linear_1 = nnx.Linear(config.d_model, config.d_ff, **linear)  # W1, b1
+        self.linear_2 = nnx.Linear(config.d_ff, config.d_model, **linear)  # W2, b2
 
     def __call__(self, x: Float[Array, "b l m"]) -> Float[Array, "b l m"]:
-        return self.linear_2(jax.nn.relu(self.linear_1(x)))
+        hidden = jax.nn.relu(self.linear_1(x)).astype(self.dtype)
+        return self.linear_2(hidden).astype(self.dtype)

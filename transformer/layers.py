@@ -13,6 +13,11 @@ from transformer.attention import MultiHeadAttention
 from transformer.config import TransformerConfig
 from transformer.dropout import Dropout
 from transformer.feed_forward import PositionwiseFeedForward
+from transformer.masks import AttentionMask
+
+# A mask as `MultiHeadAttention.attend` takes it: a description (padding lengths, causal flag, dense
+# part) or a boolean [b, 1, q, k] array, True = may attend.
+Mask = AttentionMask | Bool[Array, "b #h q k"]
 
 # Incremental decoding state of one decoder layer: self-attention keys/values written so far
 # ("k", "v": [batch, max_len, h, d]) and, for encoder-decoder layers, the keys/values of the
@@ -26,6 +31,11 @@ class ResidualSublayer(nnx.Module):
     With norm_position="pre" it computes x + Dropout(Sublayer(LayerNorm(x))) instead: a departure
     from the paper (Xiong et al., 2020) that trains without warm-up sensitivity; the stack then
     ends with one more LayerNorm.
+
+    Precision: flax's LayerNorm computes the mean and variance in float32 whatever its dtype and
+    normalises in float32, then rounds to the compute dtype; its scale and bias gradients are float32
+    sums (rounded once to the compute dtype, as for every parameter used in it). The residual sum
+    itself is in the compute dtype.
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -58,7 +68,7 @@ class EncoderLayer(nnx.Module):
     def __call__(
         self,
         x: Float[Array, "b s m"],
-        mask: Bool[Array, "b 1 s s"],
+        mask: Mask,
         *,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
@@ -90,18 +100,18 @@ class DecoderLayer(nnx.Module):
         self,
         x: Float[Array, "b t m"],
         memory: Float[Array, "b s m"] | None,
-        self_mask: Bool[Array, "b 1 t t"],
-        cross_mask: Bool[Array, "b 1 t s"] | None,
+        self_mask: Mask,
+        cross_mask: Mask | None,
         *,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
         cache: LayerCache | None = None,
         cache_index: jax.Array | int = 0,
     ) -> tuple[Float[Array, "b t m"], LayerCache | None]:
-        """Without `cache`: the full (training) pass, `self_mask` is [b, 1, t, t].
+        """Without `cache`: the full (training) pass over t positions.
 
         With `cache`: the t new positions start at `cache_index`; their keys/values are written into
-        the cache, attention runs over all max_len cached positions (`self_mask` is [b, 1, t, max_len]),
+        the cache, attention runs over all max_len cached positions (`self_mask` covers [t, max_len]),
         and the encoder-decoder keys/values are read from the cache instead of `memory`.
         Returns the output and the updated cache (None without one).
         """
@@ -148,7 +158,7 @@ class Encoder(nnx.Module):
         self.final_norm = _final_norm(config, rngs)
 
     def __call__(
-        self, x: Float[Array, "b s m"], mask: Bool[Array, "b 1 s s"], *, deterministic: bool = True, rngs=None
+        self, x: Float[Array, "b s m"], mask: Mask, *, deterministic: bool = True, rngs=None
     ) -> Float[Array, "b s m"]:
         for layer in self.layers:
             x = layer(x, mask, deterministic=deterministic, rngs=rngs)
@@ -168,8 +178,8 @@ class Decoder(nnx.Module):
         self,
         x: Float[Array, "b t m"],
         memory: Float[Array, "b s m"] | None,
-        self_mask: Bool[Array, "b 1 t k"],
-        cross_mask: Bool[Array, "b 1 t s"] | None,
+        self_mask: Mask,
+        cross_mask: Mask | None,
         *,
         deterministic: bool = True,
         rngs=None,

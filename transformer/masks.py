@@ -1,12 +1,23 @@
-"""Boolean attention masks: True means "query position q may attend to key position k".
+"""Attention masks: what each query position may attend to.
 
-Every helper returns `[batch, 1, q_len, k_len]` (the 1 broadcasts over the h heads) so that masks
-combine with `&` and are applied once, inside attention, as
-`jnp.where(mask, scores, jnp.finfo(scores.dtype).min)`.
+Two forms, one convention (True / inside means "query position q may attend to key position k"):
+
+- Boolean arrays `[batch, 1, q_len, k_len]` (the 1 broadcasts over the h heads), which combine with
+  `&` and are applied once, inside attention, as `jnp.where(mask, scores, jnp.finfo(scores.dtype).min)`.
+- `AttentionMask`, a description built by the pure helpers below: per-row key lengths for padding,
+  a causal flag, and a dense boolean array only where nothing shorter says it (the segment ids of
+  packed rows, the offset causal mask of a KV-cache decoding step). The reference attention turns
+  it into one boolean array (`AttentionMask.to_dense`); cuDNN's flash attention takes the lengths
+  and the causal flag as they are, so that no `[b, h, q, k]` array is built for them.
+
+Batches are right-padded (every row's real tokens come first, as transformer/data.py makes them),
+so a row's key padding is "key k >= its number of real tokens".
 """
 
 from __future__ import annotations
 
+import flax.struct
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
@@ -37,19 +48,88 @@ def segment_mask(q_segments: Int[Array, "b q"], k_segments: Int[Array, "b k"]) -
     return (same & (k_segments != 0)[:, None, :])[:, None]
 
 
+def lengths_mask(kv_lengths: Int[Array, "b"], k_len: int) -> Bool[Array, "b 1 1 k"]:
+    """Right padding as a mask: key k is real iff k < the row's length."""
+    return (jnp.arange(k_len)[None, :] < kv_lengths[:, None])[:, None, None, :]
+
+
+def real_lengths(tokens: Int[Array, "b l"], pad_id: int) -> Int[Array, "b"]:
+    """The number of real (non-pad) tokens of each right-padded row, as int32 (what
+    `jax.nn.dot_product_attention` takes as sequence lengths)."""
+    return (tokens != pad_id).sum(axis=1, dtype=jnp.int32)
+
+
+@flax.struct.dataclass
+class AttentionMask:
+    """A description of which keys each query may attend to; all parts are combined with "and".
+
+    dense: a boolean `[b, 1 or h, q, k]` array (True = may attend), or None.
+    kv_lengths: `[b]` int32; key k of row b is padding iff k >= kv_lengths[b]; None = no padding.
+    causal: query i may attend to keys 0 … i only (§3.2.3; queries and keys start at position 0).
+    """
+
+    dense: Bool[Array, "b #h q k"] | None = None
+    kv_lengths: Int[Array, "b"] | None = None
+    causal: bool = flax.struct.field(pytree_node=False, default=False)
+
+    def to_dense(self, q_len: int, k_len: int) -> Bool[Array, "#b 1 q k"] | None:
+        """The same description as one boolean array (None when nothing is masked)."""
+        mask = self.dense
+        for part in (
+            None if self.kv_lengths is None else lengths_mask(self.kv_lengths, k_len),
+            causal_mask(q_len, k_len) if self.causal else None,
+        ):
+            if part is not None:
+                mask = part if mask is None else mask & part
+        return mask
+
+    def __and__(self, other: "AttentionMask") -> "AttentionMask":
+        lengths = [x for x in (self.kv_lengths, other.kv_lengths) if x is not None]
+        dense = [x for x in (self.dense, other.dense) if x is not None]
+        return AttentionMask(
+            dense=None if not dense else dense[0] if len(dense) == 1 else dense[0] & dense[1],
+            kv_lengths=None if not lengths else lengths[0] if len(lengths) == 1 else jnp.minimum(*lengths),
+            causal=self.causal or other.causal,
+        )
+
+
+def as_attention_mask(mask: AttentionMask | jax.Array | None) -> AttentionMask:
+    """A boolean array (or None, attend everywhere) as the dense part of an `AttentionMask`."""
+    return mask if isinstance(mask, AttentionMask) else AttentionMask(dense=mask)
+
+
+def self_attention_mask(
+    tokens: Int[Array, "b l"], pad_id: int, *, causal: bool = False, segments: Int[Array, "b l"] | None = None
+) -> AttentionMask:
+    """Self-attention over right-padded rows: padding as lengths, §3.2.3 causality as a flag, and
+    for packed rows the segment ids as a dense mask."""
+    dense = None if segments is None else segment_mask(segments, segments)
+    return AttentionMask(dense=dense, kv_lengths=real_lengths(tokens, pad_id), causal=causal)
+
+
+def cross_attention_mask(
+    k_tokens: Int[Array, "b k"],
+    pad_id: int,
+    q_segments: Int[Array, "b q"] | None = None,
+    k_segments: Int[Array, "b k"] | None = None,
+) -> AttentionMask:
+    """Encoder-decoder attention: every target position may see every real source position (and,
+    for packed rows, only those of its own example)."""
+    dense = None if q_segments is None or k_segments is None else segment_mask(q_segments, k_segments)
+    return AttentionMask(dense=dense, kv_lengths=real_lengths(k_tokens, pad_id))
+
+
 def attention_masks(
     src_tokens: Int[Array, "b s"],
     tgt_tokens: Int[Array, "b t"],
     pad_id: int,
     src_segments: Int[Array, "b s"] | None = None,
     tgt_segments: Int[Array, "b t"] | None = None,
-) -> tuple[Bool[Array, "b 1 s s"], Bool[Array, "b 1 t t"], Bool[Array, "b 1 t s"]]:
+) -> tuple[AttentionMask, AttentionMask, AttentionMask]:
     """The three masks of the encoder-decoder: encoder self, decoder self (causal), cross."""
-    enc_self = padding_mask(src_tokens, src_tokens, pad_id)
-    dec_self = padding_mask(tgt_tokens, tgt_tokens, pad_id) & causal_mask(tgt_tokens.shape[1])
-    cross = padding_mask(tgt_tokens, src_tokens, pad_id)
-    if src_segments is not None and tgt_segments is not None:
-        enc_self = enc_self & segment_mask(src_segments, src_segments)
-        dec_self = dec_self & segment_mask(tgt_segments, tgt_segments)
-        cross = cross & segment_mask(tgt_segments, src_segments)
+    packed = src_segments is not None and tgt_segments is not None
+    enc_self = self_attention_mask(src_tokens, pad_id, segments=src_segments if packed else None)
+    dec_self = self_attention_mask(tgt_tokens, pad_id, causal=True, segments=tgt_segments if packed else None)
+    cross = cross_attention_mask(src_tokens, pad_id, tgt_segments if packed else None,
+                                 src_segments if packed else None)
     return enc_self, dec_self, cross

@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int
 from transformer.config import TransformerConfig
 from transformer.embeddings import InputEmbedding, PreSoftmaxProjection, TokenEmbedding
 from transformer.layers import Decoder, Encoder, LayerCache
-from transformer.masks import attention_masks, causal_mask, padding_mask, segment_mask
+from transformer.masks import attention_masks, causal_mask, padding_mask, self_attention_mask
 
 
 def check_tokens(name: str, tokens, config: TransformerConfig, batch: int | None = None) -> None:
@@ -40,9 +40,10 @@ def _default_positions(tokens: jax.Array) -> jax.Array:
 class Transformer(nnx.Module):
     """§3: the encoder-decoder Transformer.
 
-    `model(src_tokens, tgt_in_tokens)` -> logits [batch, tgt_len, vocab_size], where tgt_in_tokens are
-    the targets shifted right (begin token first). Packed rows pass `*_segments` (example ids, 0 =
-    padding) and `*_positions` (restarting at 0 per example).
+    `model(src_tokens, tgt_in_tokens)` -> float32 logits [batch, tgt_len, vocab_size], where
+    tgt_in_tokens are the targets shifted right (begin token first). Rows are right-padded (real
+    tokens first, then pad_id). Packed rows pass `*_segments` (example ids, 0 = padding) and
+    `*_positions` (restarting at 0 per example).
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -68,9 +69,7 @@ class Transformer(nnx.Module):
     ) -> Float[Array, "b s m"]:
         """The encoder's output ("memory") for the source tokens."""
         check_tokens("src_tokens", src_tokens, self.config)
-        mask = padding_mask(src_tokens, src_tokens, self.config.pad_id)
-        if src_segments is not None:
-            mask = mask & segment_mask(src_segments, src_segments)
+        mask = self_attention_mask(src_tokens, self.config.pad_id, segments=src_segments)
         x = self.src_embed(src_tokens, src_positions, deterministic=deterministic, rngs=rngs)
         return self.encoder(x, mask, deterministic=deterministic, rngs=rngs)
 
@@ -134,6 +133,8 @@ class Transformer(nnx.Module):
         (the encoder output is already in the cache as the encoder-decoder keys/values)."""
         max_len = cache[0]["k"].shape[1]
         positions = jnp.broadcast_to(index + jnp.arange(tgt_tokens.shape[1]), tgt_tokens.shape)
+        # Dense masks: a cached step's causality is offset by `index`, which is_causal cannot say
+        # (attention_impl="auto" sends dense masks to XLA; one query per row is memory-bound anyway).
         self_mask = causal_mask(tgt_tokens.shape[1], max_len, offset=index)
         cross_mask = padding_mask(tgt_tokens, src_tokens, self.config.pad_id)
         y = self.tgt_embed(tgt_tokens, positions)
@@ -163,11 +164,10 @@ class TransformerLM(nnx.Module):
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> Float[Array, "b t v"]:
-        """Next-token logits at every position: logits[:, i] predicts tokens[:, i + 1]."""
+        """Next-token logits (float32) at every position: logits[:, i] predicts tokens[:, i + 1].
+        Rows are right-padded."""
         check_tokens("tokens", tokens, self.config)
-        mask = padding_mask(tokens, tokens, self.config.pad_id) & causal_mask(tokens.shape[1])
-        if segments is not None:
-            mask = mask & segment_mask(segments, segments)
+        mask = self_attention_mask(tokens, self.config.pad_id, causal=True, segments=segments)
         x = self.embed(tokens, positions, deterministic=deterministic, rngs=rngs)
         x, _ = self.decoder(x, None, mask, None, deterministic=deterministic, rngs=rngs)
         return self.logits(x)
@@ -195,7 +195,8 @@ class TransformerLM(nnx.Module):
 
 class TransformerClassifier(nnx.Module):
     """An encoder-only classifier: the encoder of §3.1, its outputs averaged over the real (non-pad)
-    positions, then a linear layer to `num_classes` logits."""
+    positions, then a linear layer to `num_classes` logits. Rows are right-padded; the average is
+    taken in float32, and the logits are float32."""
 
     def __init__(self, config: TransformerConfig, num_classes: int, *, rngs: nnx.Rngs):
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -203,7 +204,8 @@ class TransformerClassifier(nnx.Module):
         self.config = config
         self.embed = InputEmbedding(config, TokenEmbedding(config, rngs=rngs), rngs=rngs)
         self.encoder = Encoder(config, rngs=rngs)
-        self.classifier = nnx.Linear(config.d_model, num_classes, dtype=config.compute_dtype, rngs=rngs)
+        self.classifier = nnx.Linear(config.d_model, num_classes, dtype=config.compute_dtype,
+                                     preferred_element_type=jnp.float32, rngs=rngs)
 
     def __call__(
         self, tokens: Int[Array, "b s"], *, deterministic: bool = True, rngs: nnx.Rngs | None = None
@@ -211,9 +213,10 @@ class TransformerClassifier(nnx.Module):
         check_tokens("tokens", tokens, self.config)
         real = tokens != self.config.pad_id
         x = self.embed(tokens, deterministic=deterministic, rngs=rngs)
-        x = self.encoder(x, padding_mask(tokens, tokens, self.config.pad_id), deterministic=deterministic, rngs=rngs)
-        weights = real[..., None].astype(x.dtype)
-        pooled = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
+        mask = self_attention_mask(tokens, self.config.pad_id)
+        x = self.encoder(x, mask, deterministic=deterministic, rngs=rngs)
+        weights = real[..., None].astype(jnp.float32)
+        pooled = (x.astype(jnp.float32) * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
         return self.classifier(pooled)
 
 
