@@ -34,8 +34,10 @@ class MetricsWriter:
             self.tensorboard.flush()
 
     def close(self) -> None:
+        """Stop TensorBoard's writer thread (left running, it fails at interpreter shutdown)."""
         if self.tensorboard is not None:
             self.tensorboard.close()
+            self.tensorboard = None
 
 
 def read_metrics(workdir: str) -> list[dict]:
