@@ -102,6 +102,10 @@ def main() -> int:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _stop_while_loading)
-    from transformer.cli import run_main
+    try:
+        from transformer.cli import run_main
+    except KeyboardInterrupt:
+        print("train.py: interrupted", file=sys.stderr)
+        sys.exit(130)
 
     run_main("train.py", main)

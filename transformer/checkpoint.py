@@ -52,6 +52,22 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:160]}{'…' if len(text) > 160 else ''}"
 
 
+def _quiet_late_reads() -> None:
+    """After Orbax gives up on a damaged checkpoint, TensorStore's other reads of it still finish
+    and report to an asyncio loop that is already closed (seen on Python 3.11): dozens of
+    "Event loop is closed" tracebacks on stderr, harmless. Drop exactly those reports."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_late_reads", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.quiets_late_reads = True
+    sys.unraisablehook = hook
+
+
 class Checkpoints:
     """The checkpoints of one work dir (`<workdir>/checkpoints/<step>/`)."""
 
@@ -100,6 +116,7 @@ class Checkpoints:
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
             )
         except Exception as err:  # Orbax/TensorStore raise many kinds; any of them makes it unusable
+            _quiet_late_reads()
             raise UnusableCheckpoint(step, f"it cannot be read ({_short(err)})") from err
         bad = non_finite_leaf(restored["state"])
         if bad is not None:
