@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import os
 import signal
 import sys
 import typing
@@ -101,7 +102,12 @@ def run_main(prog: str, main) -> None:
         sys.exit(2)
     except Terminated as err:
         print(f"{prog}: {err.message}", file=sys.stderr)
-        sys.exit(err.code)
+        # What was opened is closed by now (the exception unwound through every `with`/`finally`).
+        # Skip the interpreter's teardown: a JAX call that the signal interrupted half-way can leave
+        # jaxlib in a state that crashes it there (seen: SIGSEGV after SIGTERM during decoding).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(err.code)
     except OSError as err:
         if not disk_full(err):
             raise
