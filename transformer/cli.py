@@ -101,13 +101,7 @@ def run_main(prog: str, main) -> None:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except Terminated as err:
-        print(f"{prog}: {err.message}", file=sys.stderr)
-        # What was opened is closed by now (the exception unwound through every `with`/`finally`).
-        # Skip the interpreter's teardown: a JAX call that the signal interrupted half-way can leave
-        # jaxlib in a state that crashes it there (seen: SIGSEGV after SIGTERM during decoding).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(err.code)
+        _exit_now(f"{prog}: {err.message}", err.code)
     except OSError as err:
         if not disk_full(err):
             raise
@@ -118,6 +112,16 @@ def run_main(prog: str, main) -> None:
         print(f"{prog}: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _exit_now(f"{prog}: interrupted", 130)
     sys.exit(code or 0)
+
+
+def _exit_now(line: str, code: int) -> None:
+    """After a signal: what was opened is closed by now (the exception unwound through every
+    `with`/`finally`). Skip the interpreter's teardown: a JAX call that the signal interrupted
+    half-way can leave jaxlib in a state that crashes there (seen: SIGSEGV after SIGTERM during
+    decoding)."""
+    print(line, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
