@@ -5,13 +5,15 @@
     python train.py --config base --dataset wmt14_translate/de-en     # the paper's base model
     python train.py --config base --dataset_dir ../shared/data/multi30k --src_lang de --tgt_lang en
 
-A run started again with the same --workdir resumes from its latest checkpoint.
+A run started again with the same --workdir resumes from its latest usable checkpoint. SIGTERM
+stops it cleanly at any time (exit code 0 once a checkpoint of the current step exists).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import signal
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -33,9 +35,25 @@ def build_parser():
     return parser
 
 
+def _checkpoint_steps(workdir: str | None) -> list[int]:
+    try:
+        return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+    except (OSError, TypeError):
+        return []
+
+
+def _stop_while_loading(signum, frame):
+    """SIGTERM in the seconds before run_main's handler is in place (while JAX and the rest import)."""
+    argv = sys.argv[1:]
+    workdir = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--workdir"),
+                   next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")), None))
+    print("train.py: SIGTERM during start-up: stopped before training began", file=sys.stderr)
+    raise SystemExit(0 if _checkpoint_steps(workdir) else 128 + signal.SIGTERM)
+
+
 def main() -> int:
     args = build_parser().parse_args()
-    from transformer.cli import overrides_for
+    from transformer.cli import Terminated, overrides_for
     from transformer.config import TransformerConfig
     from transformer.trainer import Trainer, maybe_initialize_distributed
     from transformer.training import TRAIN_PRESETS, TrainConfig
@@ -45,14 +63,29 @@ def main() -> int:
     train_config = TrainConfig(**{**TRAIN_PRESETS[args.config], **overrides_for(args, TrainConfig)})
     workdir = args.workdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     started = time.time()
-    trainer = Trainer(model_config, train_config, workdir, show_progress=not args.quiet)
-    print(f"work dir {workdir}; {trainer.n_devices} device(s) ({trainer.devices[0].platform}); "
-          f"{len(trainer.train_examples)} training pairs; vocabulary {trainer.model_config.vocab_size}"
-          + (f"; resuming from step {trainer.resumed_from}" if trainer.resumed_from else ""))
-    summary = trainer.run()
-    if summary.get("stopped_by_signal"):
-        return 0
-    results = trainer.finish()
+    phase, trainer = "start-up", None
+    try:
+        with Trainer(model_config, train_config, workdir, show_progress=not args.quiet) as trainer:
+            print(f"work dir {workdir}; {trainer.n_devices} device(s) ({trainer.devices[0].platform}); "
+                  f"{len(trainer.train_examples)} training pairs; vocabulary {trainer.model_config.vocab_size}; "
+                  f"attention {trainer.attention_impl}"
+                  + (" (auto)" if trainer.model_config.attention_impl == "auto" else "")
+                  + (f"; resuming from step {trainer.resumed_from}" if trainer.resumed_from else ""), flush=True)
+            phase = "training"  # Trainer.run answers SIGTERM itself: it saves a checkpoint and returns
+            summary = trainer.run()
+            if summary.get("stopped_by_signal"):
+                return 0
+            phase = "the final scoring"
+            results = trainer.finish()
+    except Terminated:
+        saved = _checkpoint_steps(workdir)
+        current = saved[-1] if trainer is None and saved else (
+            trainer.data_position // train_config.grad_accum_steps if trainer is not None else None)
+        if current in saved:
+            raise Terminated(f"SIGTERM during {phase}: stopped; the checkpoint of step {current} is in "
+                             f"{os.path.join(workdir, 'checkpoints')} (run again with the same --workdir to go on)",
+                             code=0) from None
+        raise Terminated(f"SIGTERM during {phase}: stopped before any checkpoint of step {current or 0} was saved") from None
     print(f"finished step {summary['step']} in {time.time() - started:.0f} s")
     if "validation" in summary:
         v = summary["validation"]
@@ -70,6 +103,11 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from transformer.cli import run_main
+    signal.signal(signal.SIGTERM, _stop_while_loading)
+    try:
+        from transformer.cli import run_main
+    except KeyboardInterrupt:
+        print("train.py: interrupted", file=sys.stderr)
+        sys.exit(130)
 
     run_main("train.py", main)

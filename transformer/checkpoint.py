@@ -1,23 +1,82 @@
 """Checkpoints with Orbax: the training state plus the data position, saved every N steps and at
-the end, the last K kept; and §6.1's averaging of the last checkpoints."""
+the end, the last K kept; and §6.1's averaging of the last checkpoints.
+
+This is the one place that decides whether a checkpoint is usable. A checkpoint that cannot be
+restored (a data file truncated or removed, `_METADATA`, `meta` or `state` missing) or that holds
+non-finite numbers is skipped with one line on standard error, and the next older one is used; a
+skipped checkpoint is never deleted. A state with non-finite numbers is never saved."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import shutil
+import sys
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+SKIPPED_DIR = "skipped_checkpoints"  # in the work dir, beside checkpoints/
+
+
+class UnusableCheckpoint(Exception):
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"checkpoint step {step} is unusable: {reason}")
+        self.step, self.reason = step, reason
+
+
+class NonFiniteState(ValueError):
+    """A state to be saved holds NaN or inf; the message names the first such array."""
+
+
+class NoUsableCheckpoint(FileNotFoundError):
+    pass
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def non_finite_leaf(tree: Any) -> str | None:
+    """The path of the first floating-point array of `tree` holding NaN or inf, else None."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        array = np.asarray(leaf)
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            return jax.tree_util.keystr(path)
+    return None
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:160]}{'…' if len(text) > 160 else ''}"
+
+
+def _quiet_late_reads() -> None:
+    """After Orbax gives up on a damaged checkpoint, TensorStore's other reads of it still finish
+    and report to an asyncio loop that is already closed (seen on Python 3.11): dozens of
+    "Event loop is closed" tracebacks on stderr, harmless. Drop exactly those reports."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_late_reads", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.quiets_late_reads = True
+    sys.unraisablehook = hook
 
 
 class Checkpoints:
     """The checkpoints of one work dir (`<workdir>/checkpoints/<step>/`)."""
 
     def __init__(self, workdir: str, keep: int = 5):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.closed = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -26,22 +85,81 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Save host copies of `state` (a pytree of arrays) and the JSON-able `meta`."""
+        """Save host copies of `state` (a pytree of arrays) and the JSON-able `meta`. Refuses
+        (NonFiniteState) a state holding NaN or inf: such a checkpoint could only fail again."""
         state = jax.device_get(state)
+        bad = non_finite_leaf(state)
+        if bad is not None:
+            raise NonFiniteState(f"{bad} holds NaN or inf")
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                           force=True)
         self.manager.wait_until_finished()
 
+    def _missing_part(self, step: int) -> str | None:
+        """A plain-words reason when a part of the step's folder is missing (Orbax's own errors are long)."""
+        folder = os.path.join(self.directory, str(step))
+        for part, what in (("state", "its state/ folder"), ("meta", "its meta/ folder"),
+                           (os.path.join("state", "_METADATA"), "state/_METADATA")):
+            if not os.path.exists(os.path.join(folder, part)):
+                return f"{what} is missing"
+        return None
+
     def restore(self, step: int, like: Any) -> tuple[Any, dict]:
-        """The state saved at `step`, with the structure of `like` (arrays or shape-dtype structs)."""
+        """The state saved at `step`, with the structure of `like` (arrays or shape-dtype structs).
+        Raises UnusableCheckpoint, with the reason in a few words, when it cannot be used."""
+        missing = self._missing_part(step)
+        if missing:
+            raise UnusableCheckpoint(step, missing)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-        )
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+            )
+        except Exception as err:  # Orbax/TensorStore raise many kinds; any of them makes it unusable
+            _quiet_late_reads()
+            raise UnusableCheckpoint(step, f"it cannot be read ({_short(err)})") from err
+        bad = non_finite_leaf(restored["state"])
+        if bad is not None:
+            raise UnusableCheckpoint(step, f"{bad} holds NaN or inf")
         return restored["state"], dict(restored["meta"])
 
+    def set_aside(self, step: int, reason: str) -> str:
+        """Move a bad checkpoint out of Orbax's sight (so that neither its rotation deletes it nor a
+        new save of the same step collides with it) into <workdir>/skipped_checkpoints/; keep the
+        reason beside it. Only the run that holds the work dir's lock may do this."""
+        target_root = os.path.join(self.workdir, SKIPPED_DIR)
+        os.makedirs(target_root, exist_ok=True)
+        target, n = os.path.join(target_root, str(step)), 1
+        while os.path.exists(target):
+            n += 1
+            target = os.path.join(target_root, f"{step}.{n}")
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        with open(os.path.join(target, "WHY_SKIPPED.txt"), "w") as f:
+            f.write(reason + "\n")
+        self.manager.reload()
+        return target
+
+    def restore_newest(self, like: Any, set_aside: bool = False,
+                       note: Callable[[str], None] = _stderr) -> tuple[int, Any, dict] | None:
+        """The newest checkpoint that restores: (step, state, meta), or None if there is none.
+        Each one skipped on the way is named in one line, with why; with `set_aside` it is also
+        moved to skipped_checkpoints/ (see set_aside), never deleted."""
+        for step in reversed(self.all_steps()):
+            try:
+                state, meta = self.restore(step, like)
+            except UnusableCheckpoint as err:
+                where = ""
+                if set_aside:
+                    where = f"; moved to {self.set_aside(step, err.reason)}"
+                note(f"warning: skipped checkpoint step {step} in {self.directory}: {err.reason}{where}")
+                continue
+            return step, state, meta
+        return None
+
     def close(self) -> None:
-        self.manager.close()
+        if not self.closed:
+            self.closed = True
+            self.manager.close()
 
 
 def average_states(states: list) -> Any:
@@ -56,19 +174,31 @@ def average_states(states: list) -> Any:
 
 
 def load_params(workdir: str, like: Any, average_last: int = 1, step: int | None = None) -> tuple[Any, list[int]]:
-    """Parameters of a run's checkpoint at `step` (default the latest), or the average of its last
-    `average_last` checkpoints. Returns (train state, the steps used)."""
+    """Parameters of a run's checkpoint at `step` (default the newest usable one), or the average of
+    its last `average_last` usable checkpoints (unusable ones are skipped with a line on stderr).
+    Returns (train state, the steps used)."""
     checkpoints = Checkpoints(workdir, keep=10**9)
     try:
         steps = checkpoints.all_steps()
         if not steps:
-            raise FileNotFoundError(f"no checkpoints in {checkpoints.directory}")
+            raise NoUsableCheckpoint(f"no checkpoints in {checkpoints.directory}")
         if step is not None:
             if step not in steps:
-                raise FileNotFoundError(f"no checkpoint of step {step} in {checkpoints.directory} (have {steps})")
+                raise NoUsableCheckpoint(f"no checkpoint of step {step} in {checkpoints.directory} (have {steps})")
             steps = [s for s in steps if s <= step]
-        used = steps[-average_last:]
-        states = [checkpoints.restore(s, like)[0] for s in used]
+        used, states = [], []
+        for s in reversed(steps):
+            if len(used) == average_last:
+                break
+            try:
+                states.insert(0, checkpoints.restore(s, like)[0])
+                used.insert(0, s)
+            except UnusableCheckpoint as err:
+                if s == step:  # the one asked for by name: no silent substitute
+                    raise NoUsableCheckpoint(f"{err}: choose another --step (have {steps})") from None
+                _stderr(f"warning: skipped checkpoint step {s} in {checkpoints.directory}: {err.reason}")
+        if not used:
+            raise NoUsableCheckpoint(f"none of the checkpoints in {checkpoints.directory} can be restored (see above)")
     finally:
         checkpoints.close()
     return average_states(states), used

@@ -1,10 +1,14 @@
-"""Command-line plumbing shared by train.py and translate.py: every config field becomes a flag,
-and user mistakes end in one line on stderr with exit code 2 (no traceback)."""
+"""Command-line plumbing shared by train.py, translate.py and average_checkpoints.py: every config
+field becomes a flag, user mistakes end in one line on stderr with exit code 2 (no traceback), and
+SIGTERM stops a program cleanly."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import os
+import signal
 import sys
 import typing
 
@@ -17,6 +21,33 @@ class UserError(ValueError):
 
 class RunStopped(RuntimeError):
     """A run that cannot go on (e.g. its loss became NaN); reported as one line, exit code 1."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind (closing what was opened) and exit with `code` after one line.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, message: str = "stopped by SIGTERM", code: int = 128 + signal.SIGTERM):
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether `err`, or an error it was raised from, is "no space left on device"."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(err):  # TensorStore reports it inside a ValueError
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -59,18 +90,38 @@ def overrides_for(args: argparse.Namespace, cls) -> dict:
 
 
 def run_main(prog: str, main) -> None:
-    """Call main(); user mistakes become `prog: error: …` and exit code 2."""
+    """Call main(); user mistakes become `prog: error: …` and exit code 2; SIGTERM raises
+    `Terminated` (main may catch it to say more), which ends in one line and its exit code."""
     from transformer.data import DataError
 
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         code = main()
     except (UserError, ConfigError, DataError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Terminated as err:
+        _exit_now(f"{prog}: {err.message}", err.code)
+    except OSError as err:
+        if not disk_full(err):
+            raise
+        print(f"{prog}: error: no space left on device ({err.filename or err}): free some space and run again",
+              file=sys.stderr)
+        sys.exit(2)
     except RunStopped as err:
         print(f"{prog}: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _exit_now(f"{prog}: interrupted", 130)
     sys.exit(code or 0)
+
+
+def _exit_now(line: str, code: int) -> None:
+    """After a signal: what was opened is closed by now (the exception unwound through every
+    `with`/`finally`). Skip the interpreter's teardown: a JAX call that the signal interrupted
+    half-way can leave jaxlib in a state that crashes there (seen: SIGSEGV after SIGTERM during
+    decoding)."""
+    print(line, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -18,6 +18,7 @@ class MetricsWriter:
                 from tensorboardX import SummaryWriter
 
                 self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self.tensorboard.flush()  # the file header now: nothing may be left to write at close
             except ImportError:  # TensorBoard events are optional; metrics.jsonl is always written
                 self.tensorboard = None
 
@@ -34,8 +35,30 @@ class MetricsWriter:
             self.tensorboard.flush()
 
     def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        """Stop TensorBoard's writer threads (left running, they fail at interpreter shutdown)."""
+        tensorboard, self.tensorboard = self.tensorboard, None
+        if tensorboard is None:
+            return
+        try:
+            tensorboard.close()
+        except OSError:
+            _abandon(tensorboard)
+            raise
+
+
+def _abandon(tensorboard) -> None:
+    """After a failed close (a full disk), stop tensorboardX's threads and mark its files closed
+    without writing, or its exit hook tries again and prints a traceback at interpreter shutdown."""
+    for writer in (tensorboard.all_writers or {}).values():
+        events = getattr(writer, "event_writer", None)
+        if events is None or getattr(events, "_closed", True):
+            continue
+        try:
+            events._worker.stop()
+            events._event_queue.close()
+        except Exception:  # a tensorboardX without these internals: its own hook will report
+            continue
+        events._closed = True
 
 
 def read_metrics(workdir: str) -> list[dict]:

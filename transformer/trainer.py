@@ -1,15 +1,24 @@
 """A whole training run: data, tokenizer, model, the jitted/pmapped train step, evaluation,
 checkpoints that resume exactly, metrics, and scoring at the end. train.py only parses flags
-and calls `train`."""
+and drives a `Trainer`.
+
+Where the state lives: `Trainer.state` is always one host-side copy (what is checkpointed, scored
+and handed to decoding). Only inside `Trainer.run` is there a per-device copy (replicated for
+pmap); `run` takes it from `self.state` on entry and puts the un-replicated result back on exit.
+
+One live run per work dir: `WorkdirLock`. A resumed run must use the run's settings: `check_resume`."""
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import re
 import signal
+import socket
+import sys
 import time
 from typing import Sequence
 
@@ -18,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer import data as data_lib
-from transformer.checkpoint import Checkpoints
-from transformer.cli import RunStopped, UserError
+from transformer.attention import resolve_attention_impl
+from transformer.checkpoint import Checkpoints, NonFiniteState
+from transformer.cli import RunStopped, UserError, disk_full
 from transformer.config import TransformerConfig
 from transformer.metrics import MetricsWriter, plot_curves
 from transformer.tokenizer import CharTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
@@ -59,10 +69,14 @@ def load_corpus(config: TrainConfig) -> Corpus:
     return Corpus(load(config.train_split), load(config.eval_split), test)
 
 
-def make_tokenizer(config: TrainConfig, corpus: Corpus, vocab_size: int, workdir: str) -> Tokenizer:
-    """The work dir's tokenizer if it has one (resume), else a new one saved there."""
-    tokenizer = load_tokenizer(workdir)
-    if tokenizer is not None:
+def make_tokenizer(config: TrainConfig, corpus: Corpus, vocab_size: int, workdir: str, resume: bool) -> Tokenizer:
+    """On resume, the work dir's tokenizer; else a new one saved there (replacing any tokenizer a
+    run that failed before writing config.json left behind: nothing was trained with it)."""
+    if resume:
+        tokenizer = load_tokenizer(workdir)
+        if tokenizer is None:
+            raise UserError(f"work dir {workdir!r} has config.json but no tokenizer (spm.model or chars.json): "
+                            "put it back or choose a new --workdir")
         return tokenizer
     if config.dataset == "reverse" and not config.dataset_dir:
         tokenizer = CharTokenizer(data_lib.REVERSE_ALPHABET)
@@ -87,46 +101,151 @@ def make_tokenizer(config: TrainConfig, corpus: Corpus, vocab_size: int, workdir
 def _check_workdir(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
     except OSError as err:
         raise UserError(f"cannot write to work dir {workdir!r} ({err.strerror}): choose another --workdir") from None
 
 
-def _saved_configs(workdir: str, model_config: TransformerConfig, train_config: TrainConfig) -> TransformerConfig:
-    """Write config.json on a new run; on resume, insist on the same model."""
+class WorkdirLock:
+    """One live train.py per work dir: an exclusive OS lock (flock) on <workdir>/run.lock. The
+    kernel drops it when the process ends in any way, SIGKILL included, so a killed run never
+    leaves it stuck; the file names the holder (pid, host) for the error of a second run. The
+    file itself stays (deleting it would let two runs lock two different files)."""
+
+    NAME = "run.lock"
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, self.NAME)
+        try:
+            self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"cannot write to work dir {workdir!r} ({err.strerror}): choose another --workdir") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder()
+            self.release()
+            raise UserError(f"work dir {workdir!r} is in use by a live train.py ({holder}): wait for it to end, "
+                            "stop it, or choose another --workdir") from None
+        except OSError as err:  # a file system without locks (some network mounts)
+            print(f"warning: cannot lock work dir {workdir!r} ({err.strerror}); make sure no other run uses it",
+                  file=sys.stderr)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
+
+    def _holder(self) -> str:
+        for _ in range(40):  # the holder writes its name just after taking the lock
+            with open(self.path) as f:
+                text = f.read().strip()
+            if text:
+                return text
+            time.sleep(0.05)
+        return "a process that has not written its pid yet"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = None
+
+
+# TrainConfig fields a resumed run may change. Everything else (data, batching, optimizer, seed,
+# random-number generator, label smoothing, accumulation) must stay, or the run would silently become
+# a different one. lr_scale and warmup_steps are the remedy after a NaN, so they may change, with a note.
+RESUME_MAY_CHANGE = ("num_train_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+                     "keep_checkpoints", "eval_split", "test_split", "tfds_data_dir", "beam_size", "length_penalty",
+                     "max_decode_extra", "bleu_examples")
+RESUME_MAY_CHANGE_WITH_NOTE = ("lr_scale", "warmup_steps")
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+    """Step folders under <workdir>/checkpoints (a listing only; whether they restore is another matter)."""
+    try:
+        return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+    except OSError:
+        return []
+
+
+def _read_config_json(workdir: str) -> dict:
     path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
+    try:
         with open(path) as f:
             saved = json.load(f)
-        saved_model = TransformerConfig(**saved["model"])
-        changed = [k for k, v in dataclasses.asdict(saved_model).items() if dataclasses.asdict(model_config)[k] != v]
-        if changed:
-            raise UserError(
-                f"work dir {workdir!r} holds a run of a different model ({', '.join(changed)} differ): "
-                "resume with the same settings or choose a new --workdir"
-            )
-        return saved_model
-    with open(path, "w") as f:
-        json.dump({"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(train_config)}, f, indent=2)
-    return model_config
+        if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict) or not isinstance(saved.get("train"), dict):
+            raise ValueError("it lacks the model and train sections")
+        return saved
+    except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise UserError(f"{path} cannot be read ({reason}): it is damaged; put back a good copy, "
+                        "or choose a new --workdir") from None
+
+
+def _configs_from_json(saved: dict, path: str) -> tuple[TransformerConfig, TrainConfig]:
+    try:
+        return TransformerConfig(**saved["model"]), TrainConfig(**saved["train"])
+    except TypeError as err:  # unknown or missing fields
+        raise UserError(f"{path} does not describe a run of this version ({err}): choose a new --workdir") from None
+
+
+def check_resume(workdir: str, model_config: TransformerConfig, train_config: TrainConfig) -> dict | None:
+    """On resume (config.json exists), refuse settings that differ from the saved run's, except
+    RESUME_MAY_CHANGE (silently) and RESUME_MAY_CHANGE_WITH_NOTE (with a line on stderr). The
+    requested --vocab_size counts too: the tokenizer would otherwise be silently reused."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    saved = _read_config_json(workdir)
+    saved_model, saved_train = _configs_from_json(saved, path)
+    differ = []
+    for field, old in dataclasses.asdict(saved_model).items():
+        new = getattr(model_config, field)
+        if field == "vocab_size":
+            old = saved.get("requested_vocab_size", new)  # older config.json files did not record it
+        if new != old:
+            differ.append(f"--{field} {old} -> {new}")
+    noted = []
+    for field, old in dataclasses.asdict(saved_train).items():
+        new = getattr(train_config, field)
+        if new != old and field not in RESUME_MAY_CHANGE:
+            (noted if field in RESUME_MAY_CHANGE_WITH_NOTE else differ).append(f"--{field} {old} -> {new}")
+    if differ:
+        fresh = "" if _checkpoint_steps(workdir) else " (it has no checkpoint yet: delete it to start afresh)"
+        raise UserError(
+            f"work dir {workdir!r} holds a run with other settings ({', '.join(differ)}): resume with its settings "
+            f"(see its config.json), or choose a new --workdir{fresh}"
+        )
+    if noted:
+        print(f"note: resuming {workdir!r} with a changed learning-rate schedule ({', '.join(noted)})", file=sys.stderr)
+    return saved
+
+
+def _write_config_json(workdir: str, model_config: TransformerConfig, train_config: TrainConfig,
+                       requested_vocab_size: int) -> None:
+    """Atomically (a rename), so that a run stopped half-way never leaves a truncated file."""
+    path = os.path.join(workdir, "config.json")
+    record = {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(train_config),
+              "requested_vocab_size": requested_vocab_size}
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def load_run_config(workdir: str) -> tuple[TransformerConfig, TrainConfig]:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise UserError(f"{path} not found: --workdir must be the folder of a train.py run")
-    with open(path) as f:
-        saved = json.load(f)
-    return TransformerConfig(**saved["model"]), TrainConfig(**saved["train"])
+    return _configs_from_json(_read_config_json(workdir), path)
 
 
 def maybe_initialize_distributed(requested: bool) -> None:
     """Multi-host: jax.distributed.initialize when asked, or when a coordinator is configured."""
     if requested or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """Whether every floating-point array of `tree` is free of NaN and inf (on the device)."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
 def _replicate(tree, devices):
@@ -138,6 +257,10 @@ def _unreplicate(tree, n_devices):
 
 
 class Trainer:
+    """A run in a work dir. It holds the work dir's lock, a checkpoint manager and a metrics writer
+    (with TensorBoard's background thread): use it as a context manager, or call `close()`, so that
+    they are released on every way out (finish, NaN, SIGTERM, SIGINT, an error)."""
+
     def __init__(self, model_config: TransformerConfig, train_config: TrainConfig, workdir: str,
                  show_progress: bool = True, devices: Sequence | None = None):
         self.devices = list(devices) if devices is not None else jax.local_devices()
@@ -145,11 +268,32 @@ class Trainer:
         self.show_progress = show_progress and jax.process_index() == 0
         self.workdir = workdir
         self.train_config = train_config
+        self.lock: WorkdirLock | None = None
+        self.checkpoints: Checkpoints | None = None
+        self.metrics: MetricsWriter | None = None
+        try:
+            self._start(model_config, train_config)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, model_config: TransformerConfig, train_config: TrainConfig) -> None:
+        workdir = self.workdir
         _check_workdir(workdir)
+        if jax.process_index() == 0:  # the other hosts of a multi-host run share process 0's work dir
+            self.lock = WorkdirLock(workdir)
+        saved = check_resume(workdir, model_config, train_config)
         self.corpus = load_corpus(train_config)
-        self.tokenizer = make_tokenizer(train_config, self.corpus, model_config.vocab_size, workdir)
+        self.tokenizer = make_tokenizer(train_config, self.corpus, model_config.vocab_size, workdir, saved is not None)
+        requested_vocab_size = model_config.vocab_size
         model_config = dataclasses.replace(model_config, vocab_size=self.tokenizer.vocab_size, pad_id=self.tokenizer.pad_id)
-        self.model_config = _saved_configs(workdir, model_config, train_config)
+        if saved is not None and saved["model"]["vocab_size"] != model_config.vocab_size:
+            raise UserError(f"the tokenizer in {workdir!r} has {model_config.vocab_size} pieces but its config.json "
+                            f"says {saved['model']['vocab_size']}: put back the run's tokenizer or choose a new --workdir")
+        if jax.process_index() == 0:  # new run: the settings; resume: the ones allowed to change, updated
+            _write_config_json(workdir, model_config, train_config,
+                               saved.get("requested_vocab_size", requested_vocab_size) if saved else requested_vocab_size)
+        self.model_config = model_config
         cfg = train_config
         self.train_examples = data_lib.encode_pairs(self.corpus.train, self.tokenizer, cfg.max_length)
         self.eval_examples = data_lib.encode_pairs(self.corpus.eval, self.tokenizer, cfg.max_length)
@@ -158,17 +302,43 @@ class Trainer:
                                              packing=cfg.packing, seed=cfg.seed)
         self.eval_plan = data_lib.BatchPlan(self.eval_examples, cfg.batch_tokens, cfg.max_length, multiple,
                                             packing=False, shuffle=False)
+        # What computes attention in the training step (for attention_impl="auto", the choice made for
+        # unpacked batches; packed rows' segment masks and the decoding step always go to XLA there).
+        self.attention_impl = resolve_attention_impl(self.model_config, dense_mask=cfg.packing)
         self.graphdef, state, self.tx = create_train_state(self.model_config, cfg)
         self.train_step, self.eval_step = compile_steps(self.graphdef, self.tx, self.model_config, cfg, self.n_devices)
         self.checkpoints = Checkpoints(workdir, keep=cfg.keep_checkpoints)
         self.metrics = MetricsWriter(workdir, enabled=jax.process_index() == 0)
-        self.state = state
-        latest = self.checkpoints.latest_step()
+        self.state = state  # on the host; see the module docstring
         self.resumed_from = None
         self.data_position = 0  # micro-batches of the training stream already consumed
-        if latest is not None:
-            self.state, meta = self.checkpoints.restore(latest, state)
-            self.resumed_from, self.data_position = latest, int(meta["data_position"])
+        # Only the lock holder of a one-process run moves unusable checkpoints aside; others just skip them.
+        newest = self.checkpoints.restore_newest(state, set_aside=self._may_set_aside())
+        if newest is not None:
+            self.resumed_from, self.state, meta = newest
+            self.data_position = int(meta["data_position"])
+        self.metrics.write(self.resumed_from or 0, "run", attention_impl=self.attention_impl,
+                           attention_impl_asked=self.model_config.attention_impl, platform=self.devices[0].platform)
+
+    def _may_set_aside(self) -> bool:
+        return self.lock is not None and jax.process_count() == 1
+
+    def close(self) -> None:
+        """Release the metrics writer, the checkpoint manager and the lock; safe to call twice."""
+        for resource in (self.metrics, self.checkpoints):
+            if resource is not None:
+                try:
+                    resource.close()
+                except Exception as err:  # keep closing the rest; the run's own outcome is reported elsewhere
+                    print(f"warning: closing {type(resource).__name__} failed: {err}", file=sys.stderr)
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -193,14 +363,30 @@ class Trainer:
         return summarize(totals)
 
     def model(self, params=None):
+        """The model with `params` (default: the run's current, host-side parameters)."""
         from flax import nnx
 
-        params = _unreplicate(self.state.params, self.n_devices) if params is None else params
-        return nnx.merge(self.graphdef, params)
+        return nnx.merge(self.graphdef, self.state.params if params is None else params)
+
+    def _newest_good(self) -> str:
+        latest = self.checkpoints.latest_step()
+        if latest is None:
+            return "no good checkpoint is left"
+        return f"the newest good checkpoint is step {latest} in {self.checkpoints.directory}"
 
     def save(self, state, step: int) -> None:
+        """Checkpoint `state` (per-device copies inside `run`, else host) as `step`."""
         host_state = _unreplicate(state, self.n_devices)
-        self.checkpoints.save(step, host_state, {"data_position": int(host_state.step), "step": step})
+        try:
+            self.checkpoints.save(step, host_state, {"data_position": int(host_state.step), "step": step})
+        except NonFiniteState as err:
+            raise NonFiniteLoss(self._non_finite(f"the state became non-finite ({err}; not saved)", step)) from None
+        except Exception as err:
+            if not disk_full(err):
+                raise
+            raise UserError(f"no space left on device while saving checkpoint step {step} in "
+                            f"{self.checkpoints.directory}; {self._newest_good()}: free some space and run "
+                            "again to resume from it") from None
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -209,7 +395,7 @@ class Trainer:
         accum = cfg.grad_accum_steps
         total_micro = cfg.num_train_steps * accum
         start_micro = self.data_position
-        state = _replicate(self.state, self.devices)
+        state = _replicate(self.state, self.devices)  # per-device copies from here until the `finally`
         stop = {"signal": None}
         previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
         batches = data_lib.prefetch_to_devices(self._host_batches(self.train_plan, start_micro), self.devices)
@@ -221,7 +407,8 @@ class Trainer:
         pending: list[tuple[int, dict]] = []  # per-step metrics still on the device
         last_log = time.perf_counter()
         summary: dict = {"resumed_from": self.resumed_from}
-        last_good_saved = self.resumed_from
+        # The step after a checkpoint vouches for it (see _vouch); the first one vouches for the resumed one.
+        vouch_step = self.resumed_from + 1 if self.resumed_from is not None else None
 
         def flush(micro_step: int) -> dict | None:
             """Fetch pending metrics; stop on a non-finite loss, naming the step."""
@@ -235,12 +422,7 @@ class Trainer:
             for s, m in zip(steps, fetched):
                 m = _unreplicate(m, self.n_devices)
                 if not math.isfinite(float(m["loss_sum"])):
-                    kept = (f"the last good checkpoint (step {last_good_saved}) is kept in {self.checkpoints.directory}"
-                            if last_good_saved is not None else "no checkpoint had been saved yet")
-                    raise NonFiniteLoss(
-                        f"the loss became {float(m['loss_sum'])} at step {s // accum + 1}; stopping ({kept}). "
-                        "Lower --lr_scale or raise --warmup_steps"
-                    )
+                    raise NonFiniteLoss(self._non_finite(f"the loss became {float(m['loss_sum'])}", s // accum + 1))
                 for k, v in m.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
             now = time.perf_counter()
@@ -261,6 +443,8 @@ class Trainer:
                     continue
                 step = micro // accum
                 bar.update(1)
+                if step == vouch_step:
+                    self._vouch(state, [m for _, m in pending[-accum:]], step)
                 if step % cfg.log_every == 0 or step == cfg.num_train_steps:
                     logged = flush(micro)
                     self.metrics.write(step, "train", **logged)
@@ -276,7 +460,7 @@ class Trainer:
                 if step % cfg.checkpoint_every == 0 or step == cfg.num_train_steps or stop["signal"]:
                     flush(micro)  # never save a state whose loss went non-finite
                     self.save(state, step)
-                    last_good_saved = step
+                    vouch_step = step + 1
                 if stop["signal"]:
                     bar.write(f"SIGTERM: saved a checkpoint at step {step} in {self.checkpoints.directory}; exiting")
                     summary["stopped_by_signal"] = True
@@ -284,10 +468,38 @@ class Trainer:
         finally:
             bar.close()
             signal.signal(signal.SIGTERM, previous_handler)
-            self.state = _unreplicate(state, self.n_devices)
-            self.data_position = int(self.state.step)
+            try:
+                self.state = _unreplicate(state, self.n_devices)
+                self.data_position = int(self.state.step)
+            except RuntimeError:  # its buffers went to a step that never finished (the error on the way out says why)
+                pass
         summary["step"] = int(self.state.step) // accum
         return summary
+
+    def _vouch(self, state, step_metrics: list, step: int) -> None:
+        """A checkpoint counts as good once the step after it ran to a finite loss and a finite state.
+        A finite checkpoint can still be poisoned: parameters of 1e8 whose next loss or gradient
+        overflows, so that even a resume with a sane learning rate fails at once. This costs one
+        small device-to-host transfer per checkpoint."""
+        for m in jax.device_get(step_metrics):
+            loss = float(_unreplicate(m, self.n_devices)["loss_sum"])
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(self._non_finite(f"the loss became {loss}", step))
+        if not bool(_all_finite(state)):
+            raise NonFiniteLoss(self._non_finite("the parameters or optimizer moments became NaN or inf", step))
+
+    def _non_finite(self, what: str, step: int) -> str:
+        """The message of a NaN/inf at `step`. It came from the state of step - 1: a checkpoint of
+        step - 1 is poisoned (finite, yet it fails again at once), so it is moved aside (never
+        deleted) and the message names the newest one that is really good."""
+        poisoned = ""
+        if step - 1 in self.checkpoints.all_steps() and self._may_set_aside():
+            where = self.checkpoints.set_aside(step - 1, f"{what} at the next step ({step})")
+            poisoned = f"checkpoint step {step - 1}, which led to it, was moved to {where}; "
+        latest = self.checkpoints.latest_step()
+        how = "and run again to resume from it" if latest is not None else "and run again"
+        return (f"{what} at step {step}; stopping ({poisoned}{self._newest_good()}). "
+                f"Lower --lr_scale or raise --warmup_steps {how}")
 
     def _learning_rate(self, step: int) -> float:
         from transformer.schedule import transformer_schedule
@@ -333,6 +545,4 @@ class Trainer:
                 self.metrics.write(int(self.state.step) // cfg.grad_accum_steps, split, bleu=score.score,
                                    bleu_signature=score.signature)
         results["plot"] = plot_curves(self.workdir) if jax.process_index() == 0 else None
-        self.metrics.close()
-        self.checkpoints.close()
         return results
