@@ -69,7 +69,7 @@ def load_corpus(config: TrainConfig) -> Corpus:
     return Corpus(load(config.train_split), load(config.eval_split), test)
 
 
-def make_tokenizer(config: TrainConfig, corpus: Corpus, vocab_size: int, workdir: str, resume: bool) -> Tokenizer:
+def make_tokenizer(config: TrainConfig, corpus: Corpus, vocab_size: int, workdir: str, resume: bool = False) -> Tokenizer:
     """On resume, the work dir's tokenizer; else a new one saved there (replacing any tokenizer a
     run that failed before writing config.json left behind: nothing was trained with it)."""
     if resume:
