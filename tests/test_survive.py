@@ -31,7 +31,7 @@ def popen(*args, devices=1):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(path, proc, timeout=120):
+def wait_for(path, proc, timeout=300):
     deadline = time.time() + timeout
     while not path.exists():
         assert proc.poll() is None, proc.communicate()
@@ -101,7 +101,7 @@ def test_a_second_run_on_a_live_work_dir_is_refused_and_a_killed_run_leaves_no_s
     workdir = tmp_path / "run"
     args = ["--workdir", str(workdir), "--num_train_steps", "100000", *FAST]
     a, b = popen(*args), popen(*args)  # at the same moment, on a new work dir
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while a.poll() is None and b.poll() is None:
         assert time.time() < deadline
         time.sleep(0.05)
@@ -285,7 +285,7 @@ def test_sigterm_and_sigint_during_start_up_and_the_final_scoring_exit_cleanly(t
     proc = popen(*args)
     wait_for_python_handler(proc)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=180)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert_clean(err)
     assert [l for l in err.splitlines() if l.strip()] == ["train.py: SIGTERM during start-up: stopped before "
@@ -295,7 +295,7 @@ def test_sigterm_and_sigint_during_start_up_and_the_final_scoring_exit_cleanly(t
     wait_for(workdir / "checkpoints" / "10", proc)
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
     assert_clean(err)
     assert err.strip().splitlines()[-1] == (f"train.py: SIGTERM during the final scoring: stopped; the checkpoint of "
@@ -306,7 +306,7 @@ def test_sigterm_and_sigint_during_start_up_and_the_final_scoring_exit_cleanly(t
     proc = popen(*args)
     wait_for_python_handler(proc)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
     assert_clean(err)
     assert error_lines(err) and error_lines(err)[-1].startswith("train.py: SIGTERM during start-up: stopped")
@@ -314,7 +314,7 @@ def test_sigterm_and_sigint_during_start_up_and_the_final_scoring_exit_cleanly(t
     proc = popen(*args)
     wait_for_python_handler(proc)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, err
     assert_clean(err)
     assert error_lines(err) == ["train.py: interrupted"]
