@@ -292,3 +292,35 @@ def test_packed_batch_gives_the_loss_of_the_same_examples_unpacked():
     assert totals[0]["tokens"] == totals[1]["tokens"]
     np.testing.assert_allclose(totals[0]["loss_sum"], totals[1]["loss_sum"], rtol=1e-5)
     assert totals[0]["correct"] == totals[1]["correct"]
+
+
+def test_prefetch_stops_its_thread_when_the_run_ends_early():
+    """A run that stops before the data does (SIGTERM, the last step) must not leave the producer thread
+    waiting forever on a full queue while it holds batches on the device."""
+    import threading
+
+    produced = []
+
+    def endless():
+        for i in range(10_000):
+            produced.append(i)
+            yield i, {"x": np.full((4, 3), i, np.int32)}
+
+    batches = data_lib.prefetch_to_devices(endless(), jax.devices()[:1], size=2)
+    first = [next(batches) for _ in range(3)]
+    assert [p for p, _ in first] == [0, 1, 2] and int(first[2][1]["x"][0, 0]) == 2
+    batches.close()
+    assert not [t for t in threading.enumerate() if t.name == "prefetch_to_devices"]
+    # consumed + queued + the one waiting to be queued, + at most one drawn before the producer saw the close
+    assert len(produced) <= 3 + 2 + 1 + 1
+
+
+def test_prefetch_hands_on_the_producers_error():
+    def broken():
+        yield 0, {"x": np.zeros((2, 2), np.int32)}
+        raise data_lib.DataError("line 7 of train.de is empty")
+
+    batches = data_lib.prefetch_to_devices(broken(), jax.devices()[:1])
+    assert next(batches)[0] == 0
+    with pytest.raises(data_lib.DataError, match="line 7"):
+        next(batches)

@@ -355,7 +355,11 @@ def replicate_on_devices(tree, devices):
 def prefetch_to_devices(iterator, devices, size: int = 2):
     """Move the next `size` (position, batch) items onto the devices in a background thread, so that
     host work and transfers overlap the running step. One device gets the batch as it is; several
-    get [n_devices, rows / n_devices, …] for pmap."""
+    get [n_devices, rows / n_devices, …] for pmap.
+
+    Close the generator (`.close()`, or let it be collected) when the run ends early: the producer
+    thread then stops at its next batch instead of waiting forever on a full queue, holding the
+    batches it placed on the devices."""
     import jax
 
     def place(batch):
@@ -364,21 +368,41 @@ def prefetch_to_devices(iterator, devices, size: int = 2):
         return put_on_devices(shard_for_devices(batch, len(devices)), devices)
 
     q: queue.Queue = queue.Queue(maxsize=size)
-    stop = object()
+    done = object()
+    closed = threading.Event()
+
+    def put(item) -> bool:
+        """Hand `item` over unless the consumer has gone; True if it was handed over."""
+        while not closed.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def producer():
         try:
             for position, batch in iterator:
-                q.put((position, place(batch)))
+                if closed.is_set() or not put((position, place(batch))):
+                    return
         except BaseException as err:  # hand the error to the consumer
-            q.put(err)
-        q.put(stop)
-
-    threading.Thread(target=producer, daemon=True).start()
-    while True:
-        item = q.get()
-        if item is stop:
+            put(err)
             return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+        put(done)
+
+    thread = threading.Thread(target=producer, daemon=True, name="prefetch_to_devices")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        closed.set()
+        while not q.empty():  # let go of the batches already placed
+            q.get_nowait()
+        thread.join(timeout=10)

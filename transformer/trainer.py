@@ -466,6 +466,7 @@ class Trainer:
                     summary["stopped_by_signal"] = True
                     break
         finally:
+            batches.close()  # stops the prefetch thread, which would otherwise wait on a full queue
             bar.close()
             signal.signal(signal.SIGTERM, previous_handler)
             try:
