@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def main() -> int:
-    from transformer.cli import OneLineParser, UserError
+    from transformer.run.cli import OneLineParser, UserError
 
     parser = OneLineParser(prog="average_checkpoints.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="the work dir of a train.py run")
@@ -34,8 +34,8 @@ def main() -> int:
     if not os.path.isdir(parent):
         raise UserError(f"--output {args.output!r} cannot be made: {parent} is a file, not a folder")
 
-    from transformer.checkpoint import average_into
-    from transformer.trainer import load_run_config
+    from transformer.run.checkpoint import average_into
+    from transformer.run.workdir import load_run_config
     from transformer.training import create_train_state
 
     model_config, train_config = load_run_config(args.workdir)
@@ -49,6 +49,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from transformer.cli import run_main
+    from transformer.run.cli import run_main
 
     run_main("average_checkpoints.py", main)

@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def build_parser():
-    from transformer.cli import OneLineParser, add_dataclass_flags
+    from transformer.run.cli import OneLineParser, add_dataclass_flags
     from transformer.config import TransformerConfig
     from transformer.training import TrainConfig
 
@@ -53,9 +53,10 @@ def _stop_while_loading(signum, frame):
 
 def main() -> int:
     args = build_parser().parse_args()
-    from transformer.cli import Terminated, overrides_for
+    from transformer.run.cli import Terminated, overrides_for
     from transformer.config import TransformerConfig
-    from transformer.trainer import Trainer, maybe_initialize_distributed
+    from transformer.parallel.distributed import maybe_initialize_distributed
+    from transformer.run.trainer import Trainer
     from transformer.training import TRAIN_PRESETS, TrainConfig
 
     maybe_initialize_distributed(args.distributed)
@@ -105,7 +106,7 @@ def main() -> int:
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _stop_while_loading)
     try:
-        from transformer.cli import run_main
+        from transformer.run.cli import run_main
     except KeyboardInterrupt:
         print("train.py: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def main() -> int:
-    from transformer.cli import OneLineParser, UserError
+    from transformer.run.cli import OneLineParser, UserError
 
     parser = OneLineParser(prog="translate.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="the work dir of a train.py run")
@@ -53,11 +53,11 @@ def main() -> int:
 
     from flax import nnx
 
-    from transformer.bleu import corpus_bleu
-    from transformer.checkpoint import load_params
+    from transformer.decoding.bleu import corpus_bleu
+    from transformer.run.checkpoint import load_params
     from transformer.decoding import translate_batches
-    from transformer.tokenizer import load_tokenizer
-    from transformer.trainer import load_run_config
+    from transformer.data.tokenizer import load_tokenizer
+    from transformer.run.workdir import load_run_config
     from transformer.training import create_train_state
 
     model_config, train_config = load_run_config(args.workdir)
@@ -88,6 +88,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from transformer.cli import run_main
+    from transformer.run.cli import run_main
 
     run_main("translate.py", main)

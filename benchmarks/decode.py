@@ -30,7 +30,7 @@ def main():
 
     from transformer import Transformer, TransformerConfig
     from transformer.decoding import beam_search, greedy_decode
-    from transformer.tokenizer import BOS_ID, EOS_ID
+    from transformer.data.tokenizer import BOS_ID, EOS_ID
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="tiny", choices=["tiny", "base", "big"])

@@ -7,7 +7,7 @@
 
 For each case: compile time apart; the median of --steps step times after --warmup steps, each
 step bracketed by block_until_ready; tokens/s counts source + target tokens (the synthetic batches
-have no padding); model FLOPs per step from transformer.flops (README.md of this folder); MFU
+have no padding); model FLOPs per step from transformer.models.flops (README.md of this folder); MFU
 against the device's peak for the dtype (or --peak_tflops); peak device memory where the backend
 reports it. Writes JSON (--out) and a PNG bar chart beside it.
 """
@@ -30,9 +30,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from transformer.attention import resolve_attention_impl  # noqa: E402
+from transformer.nn.attention import resolve_attention_impl  # noqa: E402
 from transformer.config import ATTENTION_IMPLS, ConfigError, TransformerConfig  # noqa: E402
-from transformer.flops import forward_flops, peak_flops, train_flops  # noqa: E402
+from transformer.models.flops import forward_flops, peak_flops, train_flops  # noqa: E402
 from transformer.training import TrainConfig, compile_steps, create_train_state  # noqa: E402
 
 # "small": the CPU comparison point of the benchmarks' targets (d_model 256, 3+3 layers).
@@ -79,7 +79,7 @@ def bench_ours(config, rows, length, devices, rng_impl, warmup, steps):
     train, _ = compile_steps(graphdef, tx, config, train_config, len(devices))
     batch = synthetic_batch(rows, length, config.vocab_size)
     if len(devices) > 1:
-        from transformer.data import put_on_devices, replicate_on_devices, shard_for_devices
+        from transformer.parallel.devices import put_on_devices, replicate_on_devices, shard_for_devices
 
         state = replicate_on_devices(state, devices)
         batch = put_on_devices(shard_for_devices(batch, len(devices)), devices)

@@ -1,14 +1,14 @@
 """The Transformer of "Attention Is All You Need" (Vaswani et al., 2017) as Flax NNX modules."""
 
-from transformer.attention import (
+from transformer.nn.attention import (
     MultiHeadAttention, dot_product_attention, resolve_attention_impl, scaled_dot_product_attention,
 )
 from transformer.config import ConfigError, TransformerConfig
-from transformer.embeddings import InputEmbedding, TokenEmbedding, sinusoidal_positional_encoding
-from transformer.feed_forward import PositionwiseFeedForward
-from transformer.layers import Decoder, DecoderLayer, Encoder, EncoderLayer, ResidualSublayer
-from transformer.masks import AttentionMask, attention_masks, causal_mask, padding_mask, segment_mask
-from transformer.model import Transformer, TransformerClassifier, TransformerLM, count_parameters
+from transformer.nn.embeddings import InputEmbedding, TokenEmbedding, sinusoidal_positional_encoding
+from transformer.nn.feed_forward import PositionwiseFeedForward
+from transformer.nn.layers import Decoder, DecoderLayer, Encoder, EncoderLayer, ResidualSublayer
+from transformer.nn.masks import AttentionMask, attention_masks, causal_mask, padding_mask, segment_mask
+from transformer.models.transformer import Transformer, TransformerClassifier, TransformerLM, count_parameters
 
 __all__ = [
     "AttentionMask", "ConfigError", "Decoder", "DecoderLayer", "Encoder", "EncoderLayer", "InputEmbedding",

@@ -44,7 +44,7 @@ class TransformerConfig:
     positional_encoding: Literal["sinusoidal", "learned"] = "sinusoidal"
     # §3.1 post-LN: LayerNorm(x + Sublayer(x)). "pre" (x + Sublayer(LayerNorm(x))) is a departure.
     norm_position: Literal["post", "pre"] = "post"
-    # Which code computes §3.2.1 (transformer/attention.py): "reference" (the formula written out),
+    # Which code computes §3.2.1 (transformer/nn/attention.py): "reference" (the formula written out),
     # "xla" or "cudnn" (jax.nn.dot_product_attention with that implementation; "cudnn" is cuDNN's
     # flash attention and needs a GPU), or "auto" (cuDNN where it supports the device, dtype, head
     # size and mask, else XLA; never fails). `attention.resolve_attention_impl` says what runs.

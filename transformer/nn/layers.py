@@ -9,11 +9,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from transformer.attention import MultiHeadAttention
+from transformer.nn.attention import MultiHeadAttention
 from transformer.config import TransformerConfig
-from transformer.dropout import Dropout
-from transformer.feed_forward import PositionwiseFeedForward
-from transformer.masks import AttentionMask
+from transformer.nn.dropout import Dropout
+from transformer.nn.feed_forward import PositionwiseFeedForward
+from transformer.nn.masks import AttentionMask
 
 # A mask as `MultiHeadAttention.attend` takes it: a description (padding lengths, causal flag, dense
 # part) or a boolean [b, 1, q, k] array, True = may attend.

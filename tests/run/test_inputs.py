@@ -11,10 +11,10 @@ from flax import nnx
 
 from conftest import ROOT
 from transformer import Transformer, TransformerConfig
-from transformer.cli import UserError
+from transformer.run.cli import UserError
 from transformer.data import DataError, load_folder_pairs, read_text_lines
 from transformer.decoding import translate_batches
-from transformer.tokenizer import EOS_ID, CharTokenizer
+from transformer.data.tokenizer import EOS_ID, CharTokenizer
 
 TINY = ["--d_model", "16", "--d_ff", "32", "--h", "2", "--N", "1", "--batch_tokens", "256", "--quiet"]
 
@@ -86,7 +86,7 @@ def test_read_text_lines_names_the_line_of_a_bad_byte(tmp_path):
 
 @pytest.mark.parametrize("tokenizer_type", ["unigram", "bpe"])
 def test_vocabulary_too_small_for_the_characters_names_the_minimum(tmp_path, tokenizer_type):
-    from transformer.trainer import Corpus, make_tokenizer
+    from transformer.run.trainer import Corpus, make_tokenizer
     from transformer.training import TrainConfig
 
     # 26 + 12 + 9 distinct letters and the word-boundary piece "▁": 48 characters, + 4 special tokens.

@@ -6,8 +6,8 @@ import pytest
 from sentencepiece import sentencepiece_model_pb2
 
 from transformer.config import ConfigError
-from transformer.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer
-from transformer.trainer import Corpus, make_tokenizer
+from transformer.data.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer
+from transformer.run.trainer import Corpus, make_tokenizer
 from transformer.training import TrainConfig
 
 WORDS = ["the", "dog", "runs", "over", "a", "green", "meadow", "der", "hund", "läuft", "über", "eine", "grüne",

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer import Transformer, TransformerConfig
-from transformer.flops import forward_flops, peak_flops
+from transformer.models.flops import forward_flops, peak_flops
 
 
 def test_flop_formula_matches_xla_cost_analysis():

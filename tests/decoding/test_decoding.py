@@ -11,7 +11,7 @@ from flax import nnx
 
 from transformer import Transformer, TransformerConfig, TransformerLM
 from transformer.decoding import beam_search, generate, greedy_decode, length_penalty
-from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 CONFIG = TransformerConfig.tiny(vocab_size=11, d_model=24, d_ff=40, h=3, N=2, dropout_rate=0.0)
 IDS = dict(bos_id=BOS_ID, eos_id=EOS_ID)

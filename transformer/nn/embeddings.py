@@ -10,7 +10,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from transformer.config import TransformerConfig
-from transformer.dropout import Dropout
+from transformer.nn.dropout import Dropout
 
 
 def sinusoidal_positional_encoding(positions: Int[Array, "*batch l"], d_model: int) -> Float[Array, "*batch l m"]:

@@ -11,12 +11,13 @@ import pytest
 from flax import nnx
 
 from transformer import data as data_lib
+from transformer.data import batching
 from transformer.config import TransformerConfig
-from transformer.data import (BatchPlan, Examples, encode_pairs, replicate_on_devices, reverse_task_pairs,
-                              shard_for_devices)
-from transformer.loss import label_smoothed_cross_entropy, loss_and_metrics
-from transformer.schedule import transformer_schedule
-from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, CharTokenizer
+from transformer.data import BatchPlan, Examples, encode_pairs, reverse_task_pairs
+from transformer.parallel.devices import pmap_placer, replicate_on_devices, shard_for_devices
+from transformer.training.loss import label_smoothed_cross_entropy, loss_and_metrics
+from transformer.training.schedule import transformer_schedule
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, CharTokenizer
 from transformer.training import TrainConfig, compile_steps, create_train_state
 
 MODEL = TransformerConfig.tiny(vocab_size=24, d_model=16, d_ff=24, h=2, N=1, dropout_rate=0.0)
@@ -130,8 +131,8 @@ def test_accumulated_update_equals_one_step_on_the_union_of_micro_batches():
     # tokens: 8 long rows (107 tokens) and 2 short rows plus 6 rows of padding (5 tokens).
     full = _examples([16, 15, 13, 12, 16, 11, 14, 10], seed=0)
     sparse = _examples([2, 3], seed=1)
-    micro = [data_lib._collate(full, range(8), 16, 8, PAD_ID, BOS_ID),
-             data_lib._collate(sparse, range(2), 16, 8, PAD_ID, BOS_ID)]
+    micro = [batching._collate(full, range(8), 16, 8, PAD_ID, BOS_ID),
+             batching._collate(sparse, range(2), 16, 8, PAD_ID, BOS_ID)]
     union = {k: np.concatenate([micro[0][k], micro[1][k]]) for k in micro[0]}
     n = [float((m["tgt_out"] != PAD_ID).sum()) for m in micro]
     assert n == [107.0, 5.0]
@@ -306,11 +307,11 @@ def test_prefetch_stops_its_thread_when_the_run_ends_early():
             produced.append(i)
             yield i, {"x": np.full((4, 3), i, np.int32)}
 
-    batches = data_lib.prefetch_to_devices(endless(), jax.devices()[:1], size=2)
+    batches = data_lib.prefetch(endless(), pmap_placer(jax.devices()[:1]), size=2)
     first = [next(batches) for _ in range(3)]
     assert [p for p, _ in first] == [0, 1, 2] and int(first[2][1]["x"][0, 0]) == 2
     batches.close()
-    assert not [t for t in threading.enumerate() if t.name == "prefetch_to_devices"]
+    assert not [t for t in threading.enumerate() if t.name == "prefetch"]
     # consumed + queued + the one waiting to be queued, + at most one drawn before the producer saw the close
     assert len(produced) <= 3 + 2 + 1 + 1
 
@@ -320,7 +321,7 @@ def test_prefetch_hands_on_the_producers_error():
         yield 0, {"x": np.zeros((2, 2), np.int32)}
         raise data_lib.DataError("line 7 of train.de is empty")
 
-    batches = data_lib.prefetch_to_devices(broken(), jax.devices()[:1])
+    batches = data_lib.prefetch(broken(), pmap_placer(jax.devices()[:1]))
     assert next(batches)[0] == 0
     with pytest.raises(data_lib.DataError, match="line 7"):
         next(batches)

@@ -4,7 +4,7 @@
 - `TransformerLM`: a decoder-only language model (causal self-attention, no cross-attention).
 - `TransformerClassifier`: an encoder, mean-pooled over real tokens, then class logits.
 
-Every model returns logits; losses live in `transformer.loss`.
+Every model returns logits; losses live in `transformer.training.loss`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from transformer.config import TransformerConfig
-from transformer.embeddings import InputEmbedding, PreSoftmaxProjection, TokenEmbedding
-from transformer.layers import Decoder, Encoder, LayerCache
-from transformer.masks import attention_masks, causal_mask, padding_mask, self_attention_mask
+from transformer.nn.embeddings import InputEmbedding, PreSoftmaxProjection, TokenEmbedding
+from transformer.nn.layers import Decoder, Encoder, LayerCache
+from transformer.nn.masks import attention_masks, causal_mask, padding_mask, self_attention_mask
 
 
 def check_tokens(name: str, tokens, config: TransformerConfig, batch: int | None = None) -> None:

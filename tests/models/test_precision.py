@@ -15,9 +15,9 @@ import pytest
 from flax import nnx
 
 from transformer import TransformerClassifier, TransformerConfig, TransformerLM, Transformer
-from transformer.dropout import Dropout
-from transformer.embeddings import TokenEmbedding
-from transformer.loss import loss_and_metrics
+from transformer.nn.dropout import Dropout
+from transformer.nn.embeddings import TokenEmbedding
+from transformer.training.loss import loss_and_metrics
 
 # Every dimension a different size: vocabulary 40, d_model 32, d_ff 48, h 4 (d_k 8); batch 3,
 # source 300, target 260 positions.
@@ -157,7 +157,7 @@ def test_dropout_scale_is_not_rounded_to_bfloat16():
 
 
 def test_bfloat16_training_reaches_the_float32_accuracy(tmp_path):
-    from transformer.trainer import Trainer
+    from transformer.run.trainer import Trainer
     from transformer.training import TrainConfig
 
     # The embedded reverse task, strings of 4-7 letters (one bucket, one compile). Dropout and label

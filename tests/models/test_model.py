@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from transformer import Transformer, TransformerClassifier, TransformerConfig, TransformerLM, count_parameters
-from transformer.masks import segment_mask
+from transformer.nn.masks import segment_mask
 
 CONFIG = TransformerConfig.tiny(vocab_size=50, d_model=24, d_ff=40, h=3, N=2)
 

@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer import AttentionMask, attention_masks, causal_mask, padding_mask
-from transformer.masks import real_lengths
+from transformer.nn.masks import real_lengths
 
 
 def test_causal_mask_with_offset_for_cached_decoding():

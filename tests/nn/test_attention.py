@@ -16,7 +16,7 @@ from transformer import (
     scaled_dot_product_attention,
     segment_mask,
 )
-from transformer.masks import AttentionMask, cross_attention_mask, self_attention_mask
+from transformer.nn.masks import AttentionMask, cross_attention_mask, self_attention_mask
 
 # Every dimension a different size: batch 2, queries 3, keys 5, heads 4, d_k 6 (d_model 24).
 B, Q, K, H, D = 2, 3, 5, 4, 6

@@ -29,8 +29,8 @@ def train(*args, devices=1, timeout=300):
 
 
 def _final_params(workdir):
-    from transformer.checkpoint import Checkpoints
-    from transformer.trainer import load_run_config
+    from transformer.run.checkpoint import Checkpoints
+    from transformer.run.workdir import load_run_config
     from transformer.training import create_train_state
 
     model_config, train_config = load_run_config(str(workdir))
@@ -150,7 +150,7 @@ _MOCK_TFDS_RUN = """
 import json, sys
 import tensorflow_datasets as tfds
 from transformer.config import TransformerConfig
-from transformer.trainer import Trainer
+from transformer.run.trainer import Trainer
 from transformer.training import TrainConfig
 
 model = TransformerConfig.tiny(d_model=16, d_ff=32, h=2, N=1, vocab_size=60)
@@ -202,7 +202,7 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path, args, devices, message
 
 def test_short_multi30k_run_lowers_validation_loss(tmp_path, multi30k_dir):
     from transformer.config import TransformerConfig
-    from transformer.trainer import Trainer
+    from transformer.run.trainer import Trainer
     from transformer.training import TrainConfig
 
     model = TransformerConfig.tiny(d_model=64, d_ff=128, h=4, N=1, dropout_rate=0.1, vocab_size=1000)

@@ -16,8 +16,8 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from transformer.config import ConfigError, TransformerConfig
-from transformer.dropout import Dropout
-from transformer.masks import AttentionMask, as_attention_mask
+from transformer.nn.dropout import Dropout
+from transformer.nn.masks import AttentionMask, as_attention_mask
 
 
 def scaled_dot_product_attention(

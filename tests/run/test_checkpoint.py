@@ -1,6 +1,6 @@
 import numpy as np
 
-from transformer.checkpoint import average_states
+from transformer.run.checkpoint import average_states
 from transformer.config import TransformerConfig
 from transformer.training import TrainConfig, create_train_state
 
@@ -26,7 +26,7 @@ import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 
-from transformer.checkpoint import Checkpoints, NonFiniteState, NoUsableCheckpoint, load_params  # noqa: E402
+from transformer.run.checkpoint import Checkpoints, NonFiniteState, NoUsableCheckpoint, load_params  # noqa: E402
 
 TREE = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.arange(4, dtype=np.int32)}
 

@@ -11,13 +11,10 @@ One live run per work dir: `WorkdirLock`. A resumed run must use the run's setti
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import json
 import math
 import os
 import re
 import signal
-import socket
 import sys
 import time
 from typing import Sequence
@@ -27,13 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer import data as data_lib
-from transformer.attention import resolve_attention_impl
-from transformer.checkpoint import Checkpoints, NonFiniteState
-from transformer.cli import RunStopped, UserError, disk_full
 from transformer.config import TransformerConfig
-from transformer.metrics import MetricsWriter, plot_curves
-from transformer.tokenizer import CharTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
-from transformer.training import TrainConfig, TrainState, compile_steps, create_train_state, summarize
+from transformer.data.tokenizer import CharTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
+from transformer.nn.attention import resolve_attention_impl
+from transformer.parallel.devices import pmap_placer, replicate_on_devices, shard_for_devices
+from transformer.run.checkpoint import Checkpoints, NonFiniteState
+from transformer.run.cli import RunStopped, UserError, disk_full
+from transformer.run.metrics import MetricsWriter, plot_curves
+from transformer.run.workdir import WorkdirLock, check_resume, check_workdir, write_config_json
+from transformer.training import TrainConfig, compile_steps, create_train_state, summarize
 
 
 class NonFiniteLoss(RunStopped):
@@ -98,149 +97,6 @@ def make_tokenizer(config: TrainConfig, corpus: Corpus, vocab_size: int, workdir
         raise data_lib.DataError(f"SentencePiece could not train a tokenizer on the training text ({detail})") from None
 
 
-def _check_workdir(workdir: str) -> None:
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot write to work dir {workdir!r} ({err.strerror}): choose another --workdir") from None
-
-
-class WorkdirLock:
-    """One live train.py per work dir: an exclusive OS lock (flock) on <workdir>/run.lock. The
-    kernel drops it when the process ends in any way, SIGKILL included, so a killed run never
-    leaves it stuck; the file names the holder (pid, host) for the error of a second run. The
-    file itself stays (deleting it would let two runs lock two different files)."""
-
-    NAME = "run.lock"
-
-    def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, self.NAME)
-        try:
-            self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise UserError(f"cannot write to work dir {workdir!r} ({err.strerror}): choose another --workdir") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._holder()
-            self.release()
-            raise UserError(f"work dir {workdir!r} is in use by a live train.py ({holder}): wait for it to end, "
-                            "stop it, or choose another --workdir") from None
-        except OSError as err:  # a file system without locks (some network mounts)
-            print(f"warning: cannot lock work dir {workdir!r} ({err.strerror}); make sure no other run uses it",
-                  file=sys.stderr)
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
-
-    def _holder(self) -> str:
-        for _ in range(40):  # the holder writes its name just after taking the lock
-            with open(self.path) as f:
-                text = f.read().strip()
-            if text:
-                return text
-            time.sleep(0.05)
-        return "a process that has not written its pid yet"
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the last descriptor drops the flock
-            self.fd = None
-
-
-# TrainConfig fields a resumed run may change. Everything else (data, batching, optimizer, seed,
-# random-number generator, label smoothing, accumulation) must stay, or the run would silently become
-# a different one. lr_scale and warmup_steps are the remedy after a NaN, so they may change, with a note.
-RESUME_MAY_CHANGE = ("num_train_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
-                     "keep_checkpoints", "eval_split", "test_split", "tfds_data_dir", "beam_size", "length_penalty",
-                     "max_decode_extra", "bleu_examples")
-RESUME_MAY_CHANGE_WITH_NOTE = ("lr_scale", "warmup_steps")
-
-
-def _checkpoint_steps(workdir: str) -> list[int]:
-    """Step folders under <workdir>/checkpoints (a listing only; whether they restore is another matter)."""
-    try:
-        return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
-    except OSError:
-        return []
-
-
-def _read_config_json(workdir: str) -> dict:
-    path = os.path.join(workdir, "config.json")
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-        if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict) or not isinstance(saved.get("train"), dict):
-            raise ValueError("it lacks the model and train sections")
-        return saved
-    except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise UserError(f"{path} cannot be read ({reason}): it is damaged; put back a good copy, "
-                        "or choose a new --workdir") from None
-
-
-def _configs_from_json(saved: dict, path: str) -> tuple[TransformerConfig, TrainConfig]:
-    try:
-        return TransformerConfig(**saved["model"]), TrainConfig(**saved["train"])
-    except TypeError as err:  # unknown or missing fields
-        raise UserError(f"{path} does not describe a run of this version ({err}): choose a new --workdir") from None
-
-
-def check_resume(workdir: str, model_config: TransformerConfig, train_config: TrainConfig) -> dict | None:
-    """On resume (config.json exists), refuse settings that differ from the saved run's, except
-    RESUME_MAY_CHANGE (silently) and RESUME_MAY_CHANGE_WITH_NOTE (with a line on stderr). The
-    requested --vocab_size counts too: the tokenizer would otherwise be silently reused."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return None
-    saved = _read_config_json(workdir)
-    saved_model, saved_train = _configs_from_json(saved, path)
-    differ = []
-    for field, old in dataclasses.asdict(saved_model).items():
-        new = getattr(model_config, field)
-        if field == "vocab_size":
-            old = saved.get("requested_vocab_size", new)  # older config.json files did not record it
-        if new != old:
-            differ.append(f"--{field} {old} -> {new}")
-    noted = []
-    for field, old in dataclasses.asdict(saved_train).items():
-        new = getattr(train_config, field)
-        if new != old and field not in RESUME_MAY_CHANGE:
-            (noted if field in RESUME_MAY_CHANGE_WITH_NOTE else differ).append(f"--{field} {old} -> {new}")
-    if differ:
-        fresh = "" if _checkpoint_steps(workdir) else " (it has no checkpoint yet: delete it to start afresh)"
-        raise UserError(
-            f"work dir {workdir!r} holds a run with other settings ({', '.join(differ)}): resume with its settings "
-            f"(see its config.json), or choose a new --workdir{fresh}"
-        )
-    if noted:
-        print(f"note: resuming {workdir!r} with a changed learning-rate schedule ({', '.join(noted)})", file=sys.stderr)
-    return saved
-
-
-def _write_config_json(workdir: str, model_config: TransformerConfig, train_config: TrainConfig,
-                       requested_vocab_size: int) -> None:
-    """Atomically (a rename), so that a run stopped half-way never leaves a truncated file."""
-    path = os.path.join(workdir, "config.json")
-    record = {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(train_config),
-              "requested_vocab_size": requested_vocab_size}
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-def load_run_config(workdir: str) -> tuple[TransformerConfig, TrainConfig]:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise UserError(f"{path} not found: --workdir must be the folder of a train.py run")
-    return _configs_from_json(_read_config_json(workdir), path)
-
-
-def maybe_initialize_distributed(requested: bool) -> None:
-    """Multi-host: jax.distributed.initialize when asked, or when a coordinator is configured."""
-    if requested or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
-
-
 @jax.jit
 def _all_finite(tree) -> jax.Array:
     """Whether every floating-point array of `tree` is free of NaN and inf (on the device)."""
@@ -249,7 +105,7 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _replicate(tree, devices):
-    return data_lib.replicate_on_devices(tree, devices) if len(devices) > 1 else tree
+    return replicate_on_devices(tree, devices) if len(devices) > 1 else tree
 
 
 def _unreplicate(tree, n_devices):
@@ -279,7 +135,7 @@ class Trainer:
 
     def _start(self, model_config: TransformerConfig, train_config: TrainConfig) -> None:
         workdir = self.workdir
-        _check_workdir(workdir)
+        check_workdir(workdir)
         if jax.process_index() == 0:  # the other hosts of a multi-host run share process 0's work dir
             self.lock = WorkdirLock(workdir)
         saved = check_resume(workdir, model_config, train_config)
@@ -291,7 +147,7 @@ class Trainer:
             raise UserError(f"the tokenizer in {workdir!r} has {model_config.vocab_size} pieces but its config.json "
                             f"says {saved['model']['vocab_size']}: put back the run's tokenizer or choose a new --workdir")
         if jax.process_index() == 0:  # new run: the settings; resume: the ones allowed to change, updated
-            _write_config_json(workdir, model_config, train_config,
+            write_config_json(workdir, model_config, train_config,
                                saved.get("requested_vocab_size", requested_vocab_size) if saved else requested_vocab_size)
         self.model_config = model_config
         cfg = train_config
@@ -355,7 +211,7 @@ class Trainer:
             if max_batches and n >= max_batches:
                 break
             if self.n_devices > 1:
-                batch = data_lib.shard_for_devices(batch, self.n_devices)
+                batch = shard_for_devices(batch, self.n_devices)
             metrics = jax.device_get(self.eval_step(params, batch))
             metrics = _unreplicate(metrics, self.n_devices)
             for k, v in metrics.items():
@@ -398,7 +254,7 @@ class Trainer:
         state = _replicate(self.state, self.devices)  # per-device copies from here until the `finally`
         stop = {"signal": None}
         previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-        batches = data_lib.prefetch_to_devices(self._host_batches(self.train_plan, start_micro), self.devices)
+        batches = data_lib.prefetch(self._host_batches(self.train_plan, start_micro), pmap_placer(self.devices))
 
         from tqdm import tqdm
 
@@ -503,7 +359,7 @@ class Trainer:
                 f"Lower --lr_scale or raise --warmup_steps {how}")
 
     def _learning_rate(self, step: int) -> float:
-        from transformer.schedule import transformer_schedule
+        from transformer.training.schedule import transformer_schedule
 
         schedule = transformer_schedule(self.model_config.d_model, self.train_config.warmup_steps,
                                         self.train_config.lr_scale)
@@ -531,7 +387,7 @@ class Trainer:
             results["examples"] = [(s, h) for (s, _), h in list(zip(pairs, hypotheses))[:5]]
             self.metrics.write(int(self.state.step) // cfg.grad_accum_steps, "validation", exact_match=exact)
         else:
-            from transformer.bleu import corpus_bleu
+            from transformer.decoding.bleu import corpus_bleu
 
             for split, pairs in (("validation", self.corpus.eval), ("test", self.corpus.test)):
                 if not pairs:

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 from test_train_cli import FAST, _env, _write_folder, train
 
-from transformer.cli import UserError
+from transformer.run.cli import UserError
 
 
 def assert_clean(stderr: str) -> None:
@@ -87,7 +87,7 @@ def test_whole_train_py_on_two_devices_runs_to_the_end_with_its_scores(tmp_path)
 def test_workdir_lock_names_the_holder_and_is_released():
     import tempfile
 
-    from transformer.trainer import WorkdirLock
+    from transformer.run.workdir import WorkdirLock
 
     with tempfile.TemporaryDirectory() as workdir:
         first = WorkdirLock(workdir)
@@ -131,7 +131,7 @@ def test_a_second_run_on_a_live_work_dir_is_refused_and_a_killed_run_leaves_no_s
 def _configs(*flags):
     import train as train_script
 
-    from transformer.cli import overrides_for
+    from transformer.run.cli import overrides_for
     from transformer.config import TransformerConfig
     from transformer.training import TRAIN_PRESETS, TrainConfig
 
@@ -141,12 +141,12 @@ def _configs(*flags):
 
 
 def test_resume_refuses_changed_settings_and_names_them(tmp_path, capsys):
-    from transformer.trainer import _write_config_json, check_resume
+    from transformer.run.workdir import check_resume, write_config_json
 
     model, train_config = _configs("--vocab_size", "40", *FAST)
     import dataclasses
 
-    _write_config_json(str(tmp_path), dataclasses.replace(model, vocab_size=37), train_config, requested_vocab_size=40)
+    write_config_json(str(tmp_path), dataclasses.replace(model, vocab_size=37), train_config, requested_vocab_size=40)
     assert check_resume(str(tmp_path), model, train_config)["requested_vocab_size"] == 40
     # Allowed silently: length, bookkeeping, decoding.
     assert check_resume(str(tmp_path), *_configs("--vocab_size", "40", *FAST, "--num_train_steps", "9",
@@ -169,7 +169,7 @@ def test_resume_refuses_changed_settings_and_names_them(tmp_path, capsys):
 @pytest.mark.parametrize("content", ['{"model": {"d_model": 16', "", '["not", "a", "run"]'])
 def test_a_damaged_config_json_is_one_line_for_train_and_translate(tmp_path, content):
     (tmp_path / "config.json").write_text(content)
-    from transformer.trainer import load_run_config
+    from transformer.run.workdir import load_run_config
 
     with pytest.raises(UserError, match=f"{tmp_path}/config.json cannot be read .*: it is damaged"):
         load_run_config(str(tmp_path))
@@ -188,8 +188,8 @@ def test_a_damaged_config_json_is_one_line_for_train_and_translate(tmp_path, con
 
 
 def test_after_a_nan_the_named_checkpoint_is_finite_and_resumes_with_sane_settings(tmp_path, capsys):
-    from transformer.checkpoint import Checkpoints, non_finite_leaf
-    from transformer.trainer import Trainer
+    from transformer.run.checkpoint import Checkpoints, non_finite_leaf
+    from transformer.run.trainer import Trainer
 
     import jax
 

@@ -1,0 +1,153 @@
+"""The work dir of a run: one live run per work dir (`WorkdirLock`), its settings in config.json,
+and a resumed run held to them (`check_resume`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+
+from transformer.config import TransformerConfig
+from transformer.run.cli import UserError
+from transformer.training.config import TrainConfig
+
+
+def check_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write to work dir {workdir!r} ({err.strerror}): choose another --workdir") from None
+
+
+class WorkdirLock:
+    """One live train.py per work dir: an exclusive OS lock (flock) on <workdir>/run.lock. The
+    kernel drops it when the process ends in any way, SIGKILL included, so a killed run never
+    leaves it stuck; the file names the holder (pid, host) for the error of a second run. The
+    file itself stays (deleting it would let two runs lock two different files)."""
+
+    NAME = "run.lock"
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, self.NAME)
+        try:
+            self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"cannot write to work dir {workdir!r} ({err.strerror}): choose another --workdir") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder()
+            self.release()
+            raise UserError(f"work dir {workdir!r} is in use by a live train.py ({holder}): wait for it to end, "
+                            "stop it, or choose another --workdir") from None
+        except OSError as err:  # a file system without locks (some network mounts)
+            print(f"warning: cannot lock work dir {workdir!r} ({err.strerror}); make sure no other run uses it",
+                  file=sys.stderr)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
+
+    def _holder(self) -> str:
+        for _ in range(40):  # the holder writes its name just after taking the lock
+            with open(self.path) as f:
+                text = f.read().strip()
+            if text:
+                return text
+            time.sleep(0.05)
+        return "a process that has not written its pid yet"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = None
+
+
+# TrainConfig fields a resumed run may change. Everything else (data, batching, optimizer, seed,
+# random-number generator, label smoothing, accumulation) must stay, or the run would silently become
+# a different one. lr_scale and warmup_steps are the remedy after a NaN, so they may change, with a note.
+RESUME_MAY_CHANGE = ("num_train_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+                     "keep_checkpoints", "eval_split", "test_split", "tfds_data_dir", "beam_size", "length_penalty",
+                     "max_decode_extra", "bleu_examples")
+RESUME_MAY_CHANGE_WITH_NOTE = ("lr_scale", "warmup_steps")
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+    """Step folders under <workdir>/checkpoints (a listing only; whether they restore is another matter)."""
+    try:
+        return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+    except OSError:
+        return []
+
+
+def _read_config_json(workdir: str) -> dict:
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict) or not isinstance(saved.get("train"), dict):
+            raise ValueError("it lacks the model and train sections")
+        return saved
+    except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise UserError(f"{path} cannot be read ({reason}): it is damaged; put back a good copy, "
+                        "or choose a new --workdir") from None
+
+
+def _configs_from_json(saved: dict, path: str) -> tuple[TransformerConfig, TrainConfig]:
+    try:
+        return TransformerConfig(**saved["model"]), TrainConfig(**saved["train"])
+    except TypeError as err:  # unknown or missing fields
+        raise UserError(f"{path} does not describe a run of this version ({err}): choose a new --workdir") from None
+
+
+def check_resume(workdir: str, model_config: TransformerConfig, train_config: TrainConfig) -> dict | None:
+    """On resume (config.json exists), refuse settings that differ from the saved run's, except
+    RESUME_MAY_CHANGE (silently) and RESUME_MAY_CHANGE_WITH_NOTE (with a line on stderr). The
+    requested --vocab_size counts too: the tokenizer would otherwise be silently reused."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    saved = _read_config_json(workdir)
+    saved_model, saved_train = _configs_from_json(saved, path)
+    differ = []
+    for field, old in dataclasses.asdict(saved_model).items():
+        new = getattr(model_config, field)
+        if field == "vocab_size":
+            old = saved.get("requested_vocab_size", new)  # older config.json files did not record it
+        if new != old:
+            differ.append(f"--{field} {old} -> {new}")
+    noted = []
+    for field, old in dataclasses.asdict(saved_train).items():
+        new = getattr(train_config, field)
+        if new != old and field not in RESUME_MAY_CHANGE:
+            (noted if field in RESUME_MAY_CHANGE_WITH_NOTE else differ).append(f"--{field} {old} -> {new}")
+    if differ:
+        fresh = "" if _checkpoint_steps(workdir) else " (it has no checkpoint yet: delete it to start afresh)"
+        raise UserError(
+            f"work dir {workdir!r} holds a run with other settings ({', '.join(differ)}): resume with its settings "
+            f"(see its config.json), or choose a new --workdir{fresh}"
+        )
+    if noted:
+        print(f"note: resuming {workdir!r} with a changed learning-rate schedule ({', '.join(noted)})", file=sys.stderr)
+    return saved
+
+
+def write_config_json(workdir: str, model_config: TransformerConfig, train_config: TrainConfig,
+                       requested_vocab_size: int) -> None:
+    """Atomically (a rename), so that a run stopped half-way never leaves a truncated file."""
+    path = os.path.join(workdir, "config.json")
+    record = {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(train_config),
+              "requested_vocab_size": requested_vocab_size}
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def load_run_config(workdir: str) -> tuple[TransformerConfig, TrainConfig]:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: --workdir must be the folder of a train.py run")
+    return _configs_from_json(_read_config_json(workdir), path)

@@ -1,0 +1,49 @@
+"""§5.3 The optimizer and the training state: parameters, Adam moments, step, random key."""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from transformer.config import TransformerConfig
+from transformer.models.transformer import Transformer
+from transformer.training.config import TrainConfig
+from transformer.training.schedule import transformer_schedule
+
+
+def make_optimizer(model_config: TransformerConfig, train_config: TrainConfig) -> optax.GradientTransformation:
+    """§5.3: Adam(β1=0.9, β2=0.98, ε=1e-9) with the warm-up / inverse-square-root schedule.
+
+    The schedule counts Adam updates: with gradient accumulation the train step calls `update` once
+    per grad_accum_steps micro-batches, so "step" in the §5.3 formula is an update, not a micro-batch."""
+    schedule = transformer_schedule(model_config.d_model, train_config.warmup_steps, train_config.lr_scale)
+    return optax.adam(schedule, b1=train_config.adam_b1, b2=train_config.adam_b2, eps=train_config.adam_eps)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # micro-batches done (= updates done · grad_accum_steps)
+    params: nnx.State
+    opt_state: optax.OptState
+    rng: jax.Array  # raw key data; dropout keys are folded from it per step and device
+    # Gradient accumulation (None when grad_accum_steps == 1): the gradient of the summed loss over
+    # the micro-batches of the current update so far, and their real target tokens.
+    grad_sum: nnx.State | None = None
+    tokens_sum: jax.Array | None = None
+
+
+def create_train_state(
+    model_config: TransformerConfig, train_config: TrainConfig, model_cls=Transformer
+) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
+    """A freshly initialised model, split into its static graph and its parameters."""
+    model = model_cls(model_config, rngs=nnx.Rngs(params=train_config.seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = make_optimizer(model_config, train_config)
+    rng = jax.random.key_data(jax.random.key(train_config.seed + 1, impl=train_config.rng_impl))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+    if train_config.grad_accum_steps > 1:
+        state = state.replace(grad_sum=jax.tree.map(jnp.zeros_like, params), tokens_sum=jnp.zeros((), jnp.float32))
+    return graphdef, state, tx
