@@ -17,6 +17,7 @@ from jaxtyping import Array, Float, Int
 from transformer.config import TransformerConfig
 from transformer.nn.embeddings import InputEmbedding, PreSoftmaxProjection, TokenEmbedding
 from transformer.nn.layers import Decoder, Encoder, LayerCache
+from transformer.nn.partitioning import CLASSES, EMBED, annotate
 from transformer.nn.masks import attention_masks, causal_mask, padding_mask, self_attention_mask
 
 
@@ -206,6 +207,8 @@ class TransformerClassifier(nnx.Module):
         self.encoder = Encoder(config, rngs=rngs)
         self.classifier = nnx.Linear(config.d_model, num_classes, dtype=config.compute_dtype,
                                      preferred_element_type=jnp.float32, rngs=rngs)
+        annotate(self.classifier.kernel, EMBED, CLASSES)
+        annotate(self.classifier.bias, CLASSES)
 
     def __call__(
         self, tokens: Int[Array, "b s"], *, deterministic: bool = True, rngs: nnx.Rngs | None = None

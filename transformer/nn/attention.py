@@ -18,6 +18,7 @@ from jaxtyping import Array, Bool, Float
 from transformer.config import ConfigError, TransformerConfig
 from transformer.nn.dropout import Dropout
 from transformer.nn.masks import AttentionMask, as_attention_mask
+from transformer.nn.partitioning import EMBED, HEADS, KV
 
 
 def scaled_dot_product_attention(
@@ -138,10 +139,12 @@ class MultiHeadAttention(nnx.Module):
         self.config = config
         d_model, h, d_k, d_v = config.d_model, config.h, config.d_k, config.d_v
         qkv_init = _projection_init(in_axis=0, out_axis=(1, 2))
-        self.w_q = nnx.Param(qkv_init(rngs.params(), (d_model, h, d_k), jnp.float32))
-        self.w_k = nnx.Param(qkv_init(rngs.params(), (d_model, h, d_k), jnp.float32))
-        self.w_v = nnx.Param(qkv_init(rngs.params(), (d_model, h, d_v), jnp.float32))
-        self.w_o = nnx.Param(_projection_init(in_axis=(0, 1), out_axis=2)(rngs.params(), (h, d_v, d_model), jnp.float32))
+        qkv_axes = (EMBED, HEADS, KV)
+        self.w_q = nnx.Param(qkv_init(rngs.params(), (d_model, h, d_k), jnp.float32), logical_axes=qkv_axes)
+        self.w_k = nnx.Param(qkv_init(rngs.params(), (d_model, h, d_k), jnp.float32), logical_axes=qkv_axes)
+        self.w_v = nnx.Param(qkv_init(rngs.params(), (d_model, h, d_v), jnp.float32), logical_axes=qkv_axes)
+        self.w_o = nnx.Param(_projection_init(in_axis=(0, 1), out_axis=2)(rngs.params(), (h, d_v, d_model), jnp.float32),
+                             logical_axes=(HEADS, KV, EMBED))
         self.weights_dropout = Dropout(config.attention_dropout_rate)
         resolve_attention_impl(config)  # a request the device cannot serve fails here, when the model is built
 

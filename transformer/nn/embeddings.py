@@ -11,6 +11,7 @@ from jaxtyping import Array, Float, Int
 
 from transformer.config import TransformerConfig
 from transformer.nn.dropout import Dropout
+from transformer.nn.partitioning import EMBED, POSITION, VOCAB, annotate
 
 
 def sinusoidal_positional_encoding(positions: Int[Array, "*batch l"], d_model: int) -> Float[Array, "*batch l m"]:
@@ -64,7 +65,8 @@ class TokenEmbedding(nnx.Module):
         # Not stated in the paper: N(0, d_model^-1/2) so that the √d_model-scaled embeddings have
         # unit variance, as in the paper's reference code.
         init = jax.nn.initializers.normal(stddev=config.d_model**-0.5)
-        self.embedding = nnx.Param(init(rngs.params(), (config.vocab_size, config.d_model), jnp.float32))
+        self.embedding = nnx.Param(init(rngs.params(), (config.vocab_size, config.d_model), jnp.float32),
+                                   logical_axes=(VOCAB, EMBED))
 
     def __call__(self, tokens: Int[Array, "b l"], dtype=None) -> Float[Array, "b l m"]:
         """E[tokens]·√d_model, in `dtype` (default: the compute dtype).
@@ -97,6 +99,8 @@ class PreSoftmaxProjection(nnx.Module):
             config.d_model, config.vocab_size, use_bias=False, dtype=config.compute_dtype,
             preferred_element_type=jnp.float32, rngs=rngs,
         )
+        if self.linear is not None:
+            annotate(self.linear.kernel, EMBED, VOCAB)
 
     def __call__(self, x: Float[Array, "b l m"], token_embedding: TokenEmbedding) -> Float[Array, "b l v"]:
         if self.linear is None:
@@ -116,7 +120,8 @@ class InputEmbedding(nnx.Module):
         self.token_embedding = token_embedding
         if config.positional_encoding == "learned":
             init = jax.nn.initializers.normal(stddev=config.d_model**-0.5)
-            self.position_embedding = nnx.Param(init(rngs.params(), (config.max_len, config.d_model), jnp.float32))
+            self.position_embedding = nnx.Param(init(rngs.params(), (config.max_len, config.d_model), jnp.float32),
+                                                logical_axes=(POSITION, EMBED))
         self.dropout = Dropout(config.dropout_rate)
 
     def __call__(

@@ -8,6 +8,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from transformer.config import TransformerConfig
+from transformer.nn.partitioning import EMBED, MLP, annotate
 
 
 class PositionwiseFeedForward(nnx.Module):
@@ -24,6 +25,10 @@ class PositionwiseFeedForward(nnx.Module):
         linear = dict(dtype=self.dtype, preferred_element_type=jnp.float32, rngs=rngs)
         self.linear_1 = nnx.Linear(config.d_model, config.d_ff, **linear)  # W1, b1
         self.linear_2 = nnx.Linear(config.d_ff, config.d_model, **linear)  # W2, b2
+        annotate(self.linear_1.kernel, EMBED, MLP)
+        annotate(self.linear_1.bias, MLP)
+        annotate(self.linear_2.kernel, MLP, EMBED)
+        annotate(self.linear_2.bias, EMBED)
 
     def __call__(self, x: Float[Array, "b l m"]) -> Float[Array, "b l m"]:
         hidden = jax.nn.relu(self.linear_1(x)).astype(self.dtype)

@@ -14,6 +14,7 @@ from transformer.config import TransformerConfig
 from transformer.nn.dropout import Dropout
 from transformer.nn.feed_forward import PositionwiseFeedForward
 from transformer.nn.masks import AttentionMask
+from transformer.nn.partitioning import EMBED, annotate
 
 # A mask as `MultiHeadAttention.attend` takes it: a description (padding lengths, causal flag, dense
 # part) or a boolean [b, 1, q, k] array, True = may attend.
@@ -40,7 +41,7 @@ class ResidualSublayer(nnx.Module):
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.pre_norm = config.norm_position == "pre"
-        self.norm = nnx.LayerNorm(config.d_model, epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype, rngs=rngs)
+        self.norm = layer_norm(config, rngs)
         self.dropout = Dropout(config.dropout_rate)
 
     def __call__(
@@ -204,4 +205,11 @@ def _final_norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm | No
     # Pre-LN leaves the last residual sum un-normalised; post-LN's last sub-layer already normalised it.
     if config.norm_position != "pre":
         return None
-    return nnx.LayerNorm(config.d_model, epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype, rngs=rngs)
+    return layer_norm(config, rngs)
+
+
+def layer_norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    norm = nnx.LayerNorm(config.d_model, epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype, rngs=rngs)
+    annotate(norm.scale, EMBED)
+    annotate(norm.bias, EMBED)
+    return norm

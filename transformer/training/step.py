@@ -127,3 +127,18 @@ def summarize(metrics: dict[str, float]) -> dict[str, float]:
     nll = metrics["nll_sum"] / tokens
     return {"loss": metrics["loss_sum"] / tokens, "nll": nll, "accuracy": metrics["correct"] / tokens,
             "perplexity": math.exp(min(nll, 50.0))}
+
+
+def compile_mesh_steps(graphdef, tx, model_config: TransformerConfig, train_config: TrainConfig,
+                       state_shardings, batch_sharding, replicated):
+    """jit over a device mesh: the same step as on one device (no axis name: the loss and gradient
+    sums over the global batch are XLA's collectives), with the state's and the batch's shardings
+    declared (`parallel/rules.py`) and the state donated. The metrics come out replicated."""
+    common = dict(label_smoothing=train_config.label_smoothing, pad_id=model_config.pad_id)
+    step = make_train_step(graphdef, tx, rng_impl=train_config.rng_impl,
+                           grad_accum_steps=train_config.grad_accum_steps, **common)
+    train = jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
+                    donate_argnums=0)
+    evaluate = jax.jit(make_eval_step(graphdef, **common), in_shardings=(state_shardings.params, batch_sharding),
+                       out_shardings=replicated)
+    return train, evaluate

@@ -1,0 +1,32 @@
+"""Logical axis names of the parameters, declared where each module creates them.
+
+Every parameter carries `logical_axes` metadata: one name per array axis (None: an axis that is never
+split). The modules say what an axis *is*; `transformer/parallel/rules.py` says, in one table, which
+mesh axis (data, fsdp, tensor) splits it. The metadata follows the parameter into the optimizer
+state (Adam's moments have the same tree), so both are sharded alike. On one device, or under pmap,
+it is never read.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+VOCAB = "vocab"  # rows of the embedding table / columns of the pre-softmax projection
+EMBED = "embed"  # d_model
+HEADS = "heads"  # h, the attention heads
+KV = "kv"  # d_k = d_v, the size of one head
+MLP = "mlp"  # d_ff, the feed-forward network's hidden units
+POSITION = None  # rows of a learned position table: never split
+CLASSES = None  # a classifier's outputs: few, never split
+
+
+def annotate(variable: nnx.Variable, *axes: str | None) -> None:
+    """Declare the logical axis names of a parameter made by a Flax layer (nnx.Linear, LayerNorm)."""
+    if len(axes) != variable[...].ndim:
+        raise ValueError(f"{len(axes)} axis names {axes} for a parameter of shape {variable[...].shape}")
+    variable.set_metadata(logical_axes=tuple(axes))
+
+
+def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The names declared for `variable`, or None where none were."""
+    return variable.get_metadata().get("logical_axes")
