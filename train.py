@@ -22,16 +22,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 def build_parser():
     from transformer.run.cli import OneLineParser, add_dataclass_flags
     from transformer.config import TransformerConfig
+    from transformer.parallel.distributed import DistributedConfig
+    from transformer.parallel.mesh import ParallelConfig
     from transformer.training import TrainConfig
 
     parser = OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="tiny", choices=["tiny", "base", "big"],
                         help="model preset and its training defaults (default: tiny, the embedded demo)")
     parser.add_argument("--workdir", default=None, help="checkpoints, metrics and tokenizer (default: a new runs/<time>)")
-    parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize (multi-host)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_dataclass_flags(parser, TransformerConfig, "model (TransformerConfig)", skip=("pad_id",))  # the tokenizer's
     add_dataclass_flags(parser, TrainConfig, "training (TrainConfig)")
+    add_dataclass_flags(parser, ParallelConfig, "devices (ParallelConfig): pmap, or jit over a data/fsdp/tensor mesh")
+    add_dataclass_flags(parser, DistributedConfig, "several processes (DistributedConfig)")
     return parser
 
 
@@ -55,21 +58,29 @@ def main() -> int:
     args = build_parser().parse_args()
     from transformer.run.cli import Terminated, overrides_for
     from transformer.config import TransformerConfig
-    from transformer.parallel.distributed import maybe_initialize_distributed
+    from transformer.parallel import distributed
+    from transformer.parallel.mesh import ParallelConfig
     from transformer.run.trainer import Trainer
     from transformer.training import TRAIN_PRESETS, TrainConfig
 
-    maybe_initialize_distributed(args.distributed)
+    distributed.initialize(distributed.DistributedConfig(**overrides_for(args, distributed.DistributedConfig)))
+    parallel = ParallelConfig(**overrides_for(args, ParallelConfig))
     model_config = TransformerConfig.preset(args.config, **overrides_for(args, TransformerConfig))
     train_config = TrainConfig(**{**TRAIN_PRESETS[args.config], **overrides_for(args, TrainConfig)})
     workdir = args.workdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     started = time.time()
     phase, trainer = "start-up", None
     try:
-        with Trainer(model_config, train_config, workdir, show_progress=not args.quiet) as trainer:
-            print(f"work dir {workdir}; {trainer.n_devices} device(s) ({trainer.devices[0].platform}); "
-                  f"{len(trainer.train_examples)} training pairs; vocabulary {trainer.model_config.vocab_size}; "
-                  f"attention {trainer.attention_impl}"
+        with Trainer(model_config, train_config, workdir, show_progress=not args.quiet, parallel=parallel) as trainer:
+            import jax
+
+            where = f"{trainer.n_devices} device(s) ({trainer.devices[0].platform})"
+            if jax.process_count() > 1:
+                where += f" in {jax.process_count()} processes"
+            if trainer.layout.mode == "mesh":
+                where += " on a mesh " + ",".join(f"{k}={v}" for k, v in trainer.layout.mesh.shape.items())
+            print(f"work dir {workdir}; {where}; {len(trainer.train_examples)} training pairs; "
+                  f"vocabulary {trainer.model_config.vocab_size}; attention {trainer.attention_impl}"
                   + (" (auto)" if trainer.model_config.attention_impl == "auto" else "")
                   + (f"; resuming from step {trainer.resumed_from}" if trainer.resumed_from else ""), flush=True)
             phase = "training"  # Trainer.run answers SIGTERM itself: it saves a checkpoint and returns

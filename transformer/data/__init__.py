@@ -3,7 +3,7 @@
 (`batching`); and batches placed on the devices ahead of the step (`prefetch`). It knows no model."""
 
 from transformer.data.batching import (
-    BUCKET_STEP, BatchPlan, Examples, encode_pairs, host_shard, rows_per_batch,
+    BUCKET_STEP, BatchPlan, Examples, encode_pairs, rows_per_batch,
 )
 from transformer.data.corpus import (
     REVERSE_ALPHABET, DataError, Pair, check_translate_folder, load_folder_pairs, load_tfds_pairs,
@@ -12,5 +12,5 @@ from transformer.data.corpus import (
 from transformer.data.prefetch import prefetch
 
 __all__ = ["BUCKET_STEP", "BatchPlan", "DataError", "Examples", "Pair", "REVERSE_ALPHABET", "check_translate_folder",
-           "encode_pairs", "host_shard", "load_folder_pairs", "load_tfds_pairs", "prefetch", "read_text_lines",
+           "encode_pairs", "load_folder_pairs", "load_tfds_pairs", "prefetch", "read_text_lines",
            "reverse_task_pairs", "rows_per_batch"]

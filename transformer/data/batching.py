@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 import itertools
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -156,15 +156,22 @@ class BatchPlan:
             plans = [plans[i] for i in rng.permutation(len(plans))]
         return plans
 
-    def collate(self, plan) -> dict[str, np.ndarray]:
-        length, rows, members = plan
+    def collate(self, plan, rows: slice | None = None) -> dict[str, np.ndarray]:
+        """The batch of `plan`, or only its rows `rows` (a process of a multi-process run builds
+        only the rows its devices take)."""
+        length, n_rows, members = plan
+        if rows is not None:
+            start, stop, _ = rows.indices(n_rows)
+            members, n_rows = members[start:stop], stop - start
         ids = dict(pad_id=self.examples.pad_id, bos_id=self.examples.bos_id)
         if self.packing:
-            return _collate_packed(self.examples, members, length, rows, **ids)
-        return _collate(self.examples, members, length, rows, **ids)
+            return _collate_packed(self.examples, members, length, n_rows, **ids)
+        return _collate(self.examples, members, length, n_rows, **ids)
 
-    def batches(self, start: int = 0, epochs: int | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """(position, batch) from global batch number `start` on; forever unless `epochs` is given."""
+    def batches(self, start: int = 0, epochs: int | None = None,
+                rows: Callable[[int], slice] | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(position, batch) from global batch number `start` on; forever unless `epochs` is given.
+        With `rows`, only the rows `rows(global_rows)` of each batch are built."""
         position = 0
         for epoch in itertools.count() if epochs is None else range(epochs):
             plans = self.epoch(epoch)
@@ -173,13 +180,5 @@ class BatchPlan:
                 continue
             for plan in plans:
                 if position >= start:
-                    yield position, self.collate(plan)
+                    yield position, self.collate(plan, None if rows is None else rows(plan[1]))
                 position += 1
-
-
-def host_shard(batch: dict[str, np.ndarray], process_index: int, process_count: int) -> dict[str, np.ndarray]:
-    """This host's rows of a global batch (multi-host data parallelism)."""
-    if process_count == 1:
-        return batch
-    rows = next(iter(batch.values())).shape[0] // process_count
-    return {k: v[process_index * rows : (process_index + 1) * rows] for k, v in batch.items()}

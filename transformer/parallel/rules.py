@@ -58,7 +58,7 @@ def state_shardings(tree: Any, mesh: Mesh) -> Any:
 
     def sharding(x):
         if _is_variable(x):
-            return NamedSharding(mesh, partition_spec(logical_axes(x), np.shape(x[...]), mesh))
+            return NamedSharding(mesh, partition_spec(logical_axes(x), tuple(x.shape), mesh))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(sharding, tree, is_leaf=_is_variable)

@@ -39,12 +39,30 @@ def _stderr(line: str) -> None:
 
 
 def non_finite_leaf(tree: Any) -> str | None:
-    """The path of the first floating-point array of `tree` holding NaN or inf, else None."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        array = np.asarray(leaf)
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+    """The path of the first floating-point array of `tree` holding NaN or inf, else None. JAX
+    arrays are checked where they are (a sharded array is never gathered; every process gets the
+    same answer), host arrays on the host."""
+    named = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+             if np.issubdtype(getattr(leaf, "dtype", np.asarray(leaf).dtype), np.floating)]
+    on_device = [leaf for _, leaf in named if isinstance(leaf, jax.Array)]
+    device_ok = iter(jax.device_get(_finite_per_leaf(on_device)) if on_device else [])
+    for path, leaf in named:
+        ok = next(device_ok) if isinstance(leaf, jax.Array) else np.isfinite(np.asarray(leaf)).all()
+        if not ok:
             return jax.tree_util.keystr(path)
     return None
+
+
+@jax.jit
+def _finite_per_leaf(leaves: list) -> list:
+    return [jax.numpy.isfinite(x).all() for x in leaves]
+
+
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+    """What to restore `x` as: its shape and dtype, and its sharding if it is a JAX array (so that a
+    checkpoint saved under one mesh, or by pmap, is read straight into another layout)."""
+    sharding = x.sharding if isinstance(x, jax.Array) else None
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
 
 def _short(err: BaseException) -> str:
@@ -85,12 +103,15 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Save host copies of `state` (a pytree of arrays) and the JSON-able `meta`. Refuses
+        """Save `state` (a pytree of arrays; sharded ones shard by shard) and the JSON-able `meta`. Refuses
         (NonFiniteState) a state holding NaN or inf: such a checkpoint could only fail again."""
-        state = jax.device_get(state)
         bad = non_finite_leaf(state)
         if bad is not None:
             raise NonFiniteState(f"{bad} holds NaN or inf")
+        # Arrays sharded over a mesh are written shard by shard by the processes that hold them (Orbax),
+        # never gathered; one-device arrays are saved from host copies.
+        if not any(isinstance(x, jax.Array) and len(x.sharding.device_set) > 1 for x in jax.tree.leaves(state)):
+            state = jax.device_get(state)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                           force=True)
         self.manager.wait_until_finished()
@@ -110,7 +131,7 @@ class Checkpoints:
         missing = self._missing_part(step)
         if missing:
             raise UnusableCheckpoint(step, missing)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
+        abstract = jax.tree.map(_abstract, like)
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())

@@ -2,9 +2,10 @@
 checkpoints that resume exactly, metrics, and scoring at the end. train.py only parses flags
 and drives a `Trainer`.
 
-Where the state lives: `Trainer.state` is always one host-side copy (what is checkpointed, scored
-and handed to decoding). Only inside `Trainer.run` is there a per-device copy (replicated for
-pmap); `run` takes it from `self.state` on entry and puts the un-replicated result back on exit.
+Where the state lives (`parallel/layout.py`): `Trainer.state` is always one copy (what is
+checkpointed, scored and handed to decoding): host-side arrays under pmap, global arrays sharded
+over the mesh in mesh mode. Under pmap only `Trainer.run` holds a copy per device; it takes it from
+`self.state` on entry and puts one copy back on exit.
 
 One live run per work dir: `WorkdirLock`. A resumed run must use the run's settings: `check_resume`."""
 
@@ -27,12 +28,13 @@ from transformer import data as data_lib
 from transformer.config import TransformerConfig
 from transformer.data.tokenizer import CharTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 from transformer.nn.attention import resolve_attention_impl
-from transformer.parallel.devices import pmap_placer, replicate_on_devices, shard_for_devices
+from transformer.parallel.layout import MeshLayout, PmapLayout
+from transformer.parallel.mesh import ParallelConfig, check_model_fits, make_mesh
 from transformer.run.checkpoint import Checkpoints, NonFiniteState
 from transformer.run.cli import RunStopped, UserError, disk_full
 from transformer.run.metrics import MetricsWriter, plot_curves
 from transformer.run.workdir import WorkdirLock, check_resume, check_workdir, write_config_json
-from transformer.training import TrainConfig, compile_steps, create_train_state, summarize
+from transformer.training import TrainConfig, compile_mesh_steps, compile_steps, create_train_state, summarize
 
 
 class NonFiniteLoss(RunStopped):
@@ -104,23 +106,16 @@ def _all_finite(tree) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
-def _replicate(tree, devices):
-    return replicate_on_devices(tree, devices) if len(devices) > 1 else tree
-
-
-def _unreplicate(tree, n_devices):
-    return jax.tree.map(lambda x: x[0], tree) if n_devices > 1 else tree
-
-
 class Trainer:
     """A run in a work dir. It holds the work dir's lock, a checkpoint manager and a metrics writer
     (with TensorBoard's background thread): use it as a context manager, or call `close()`, so that
     they are released on every way out (finish, NaN, SIGTERM, SIGINT, an error)."""
 
     def __init__(self, model_config: TransformerConfig, train_config: TrainConfig, workdir: str,
-                 show_progress: bool = True, devices: Sequence | None = None):
-        self.devices = list(devices) if devices is not None else jax.local_devices()
-        self.n_devices = len(self.devices)
+                 show_progress: bool = True, devices: Sequence | None = None,
+                 parallel: ParallelConfig | None = None):
+        self.parallel = parallel or ParallelConfig()
+        self.requested_devices = devices
         self.show_progress = show_progress and jax.process_index() == 0
         self.workdir = workdir
         self.train_config = train_config
@@ -151,9 +146,31 @@ class Trainer:
                                saved.get("requested_vocab_size", requested_vocab_size) if saved else requested_vocab_size)
         self.model_config = model_config
         cfg = train_config
+        if self.parallel.parallel == "mesh":
+            mesh = make_mesh(self.parallel, self.requested_devices)
+            check_model_fits(self.model_config, mesh)
+            made: dict = {}
+
+            def init():
+                made["graphdef"], state, made["tx"] = create_train_state(self.model_config, cfg)
+                return state
+
+            self.layout = MeshLayout(mesh, jax.eval_shape(init))
+            # Created where it lives, each device computing only its shards: it may not fit one device.
+            state = jax.jit(init, out_shardings=self.layout.state_shardings)()
+            self.graphdef, self.tx = made["graphdef"], made["tx"]
+            self.train_step, self.eval_step = compile_mesh_steps(
+                self.graphdef, self.tx, self.model_config, cfg, self.layout.state_shardings,
+                self.layout.batch_sharding, self.layout.replicated)
+        else:
+            self.graphdef, state, self.tx = create_train_state(self.model_config, cfg)
+            self.layout = PmapLayout(self.requested_devices)
+            self.train_step, self.eval_step = compile_steps(self.graphdef, self.tx, self.model_config, cfg,
+                                                            self.layout.n_devices)
+        self.devices, self.n_devices = self.layout.devices, self.layout.n_devices
         self.train_examples = data_lib.encode_pairs(self.corpus.train, self.tokenizer, cfg.max_length)
         self.eval_examples = data_lib.encode_pairs(self.corpus.eval, self.tokenizer, cfg.max_length)
-        multiple = self.n_devices * jax.process_count()
+        multiple = self.layout.batch_multiple
         self.train_plan = data_lib.BatchPlan(self.train_examples, cfg.batch_tokens, cfg.max_length, multiple,
                                              packing=cfg.packing, seed=cfg.seed)
         self.eval_plan = data_lib.BatchPlan(self.eval_examples, cfg.batch_tokens, cfg.max_length, multiple,
@@ -161,11 +178,9 @@ class Trainer:
         # What computes attention in the training step (for attention_impl="auto", the choice made for
         # unpacked batches; packed rows' segment masks and the decoding step always go to XLA there).
         self.attention_impl = resolve_attention_impl(self.model_config, dense_mask=cfg.packing)
-        self.graphdef, state, self.tx = create_train_state(self.model_config, cfg)
-        self.train_step, self.eval_step = compile_steps(self.graphdef, self.tx, self.model_config, cfg, self.n_devices)
         self.checkpoints = Checkpoints(workdir, keep=cfg.keep_checkpoints)
         self.metrics = MetricsWriter(workdir, enabled=jax.process_index() == 0)
-        self.state = state  # on the host; see the module docstring
+        self.state = state  # one copy; see the module docstring
         self.resumed_from = None
         self.data_position = 0  # micro-batches of the training stream already consumed
         # Only the lock holder of a one-process run moves unusable checkpoints aside; others just skip them.
@@ -174,7 +189,9 @@ class Trainer:
             self.resumed_from, self.state, meta = newest
             self.data_position = int(meta["data_position"])
         self.metrics.write(self.resumed_from or 0, "run", attention_impl=self.attention_impl,
-                           attention_impl_asked=self.model_config.attention_impl, platform=self.devices[0].platform)
+                           attention_impl_asked=self.model_config.attention_impl, platform=self.devices[0].platform,
+                           parallel=self.layout.mode, devices=self.n_devices, processes=jax.process_count(),
+                           mesh=dict(self.layout.mesh.shape) if self.layout.mode == "mesh" else None)
 
     def _may_set_aside(self) -> bool:
         return self.lock is not None and jax.process_count() == 1
@@ -199,30 +216,28 @@ class Trainer:
     # -- helpers -------------------------------------------------------------------------------
 
     def _host_batches(self, plan: data_lib.BatchPlan, start: int, epochs=None):
-        for position, batch in plan.batches(start, epochs):
-            yield position, data_lib.host_shard(batch, jax.process_index(), jax.process_count())
+        yield from plan.batches(start, epochs, rows=self.layout.process_rows)
 
     def evaluate(self, params, max_batches: int = 0, replicated: bool = False) -> dict[str, float]:
-        """Validation metrics of `params` (one copy, or one per device if `replicated`)."""
-        if self.n_devices > 1 and not replicated:
-            params = _replicate(params, self.devices)
+        """Validation metrics of `params` (`Trainer.state.params`, or, with `replicated`, the
+        parameters as the step takes them: one copy per device under pmap)."""
+        if not replicated and self.layout.mode == "pmap":
+            params = self.layout.to_devices(params)
+        place = self.layout.placer()
         totals: dict[str, float] = {}
         for n, (_, batch) in enumerate(self._host_batches(self.eval_plan, 0, epochs=1)):
             if max_batches and n >= max_batches:
                 break
-            if self.n_devices > 1:
-                batch = shard_for_devices(batch, self.n_devices)
-            metrics = jax.device_get(self.eval_step(params, batch))
-            metrics = _unreplicate(metrics, self.n_devices)
+            metrics = self.layout.one_copy(jax.device_get(self.eval_step(params, place(batch))))
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         return summarize(totals)
 
     def model(self, params=None):
-        """The model with `params` (default: the run's current, host-side parameters)."""
+        """The model with `params` (default: a host copy of the run's current parameters)."""
         from flax import nnx
 
-        return nnx.merge(self.graphdef, self.state.params if params is None else params)
+        return nnx.merge(self.graphdef, self.layout.host_copy(self.state.params) if params is None else params)
 
     def _newest_good(self) -> str:
         latest = self.checkpoints.latest_step()
@@ -232,7 +247,7 @@ class Trainer:
 
     def save(self, state, step: int) -> None:
         """Checkpoint `state` (per-device copies inside `run`, else host) as `step`."""
-        host_state = _unreplicate(state, self.n_devices)
+        host_state = self.layout.one_copy(state)
         try:
             self.checkpoints.save(step, host_state, {"data_position": int(host_state.step), "step": step})
         except NonFiniteState as err:
@@ -251,10 +266,10 @@ class Trainer:
         accum = cfg.grad_accum_steps
         total_micro = cfg.num_train_steps * accum
         start_micro = self.data_position
-        state = _replicate(self.state, self.devices)  # per-device copies from here until the `finally`
+        state = self.layout.to_devices(self.state)  # as the step takes it, from here until the `finally`
         stop = {"signal": None}
         previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-        batches = data_lib.prefetch(self._host_batches(self.train_plan, start_micro), pmap_placer(self.devices))
+        batches = data_lib.prefetch(self._host_batches(self.train_plan, start_micro), self.layout.placer())
 
         from tqdm import tqdm
 
@@ -276,7 +291,7 @@ class Trainer:
             pending = []
             totals: dict[str, float] = {}
             for s, m in zip(steps, fetched):
-                m = _unreplicate(m, self.n_devices)
+                m = self.layout.one_copy(m)
                 if not math.isfinite(float(m["loss_sum"])):
                     raise NonFiniteLoss(self._non_finite(f"the loss became {float(m['loss_sum'])}", s // accum + 1))
                 for k, v in m.items():
@@ -326,7 +341,7 @@ class Trainer:
             bar.close()
             signal.signal(signal.SIGTERM, previous_handler)
             try:
-                self.state = _unreplicate(state, self.n_devices)
+                self.state = self.layout.one_copy(state)
                 self.data_position = int(self.state.step)
             except RuntimeError:  # its buffers went to a step that never finished (the error on the way out says why)
                 pass
@@ -339,7 +354,7 @@ class Trainer:
         overflows, so that even a resume with a sane learning rate fails at once. This costs one
         small device-to-host transfer per checkpoint."""
         for m in jax.device_get(step_metrics):
-            loss = float(_unreplicate(m, self.n_devices)["loss_sum"])
+            loss = float(self.layout.one_copy(m)["loss_sum"])
             if not math.isfinite(loss):
                 raise NonFiniteLoss(self._non_finite(f"the loss became {loss}", step))
         if not bool(_all_finite(state)):
