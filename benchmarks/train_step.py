@@ -4,12 +4,18 @@
     python benchmarks/train_step.py                      # CPU default: the small config, 4k tokens
     python benchmarks/train_step.py --presets base big --batch_shapes 25000x64 --dtypes bfloat16 \\
         --attention reference xla cudnn --baselines flax torch  # on a GPU
+    python benchmarks/train_step.py --devices all --parallel pmap mesh --mesh data=-1 --baselines  # pmap vs jit on a mesh
 
 For each case: compile time apart; the median of --steps step times after --warmup steps, each
 step bracketed by block_until_ready; tokens/s counts source + target tokens (the synthetic batches
 have no padding); model FLOPs per step from transformer.models.flops (README.md of this folder); MFU
 against the device's peak for the dtype (or --peak_tflops); peak device memory where the backend
 reports it. Writes JSON (--out) and a PNG bar chart beside it.
+
+--parallel picks how this library's step uses the devices of --devices: "pmap" (plain `jax.jit` on
+one device, `jax.pmap` over several, every device a full copy of the state) or "mesh" (`jax.jit`
+over a `jax.sharding.Mesh` of those devices shaped by --mesh, the state sharded as
+transformer/parallel/rules.py declares). Both may be given; the baselines always run on one device.
 """
 
 from __future__ import annotations
@@ -73,9 +79,14 @@ def peak_memory(device) -> float | None:
     return stats.get("peak_bytes_in_use") / 2**30 if stats and "peak_bytes_in_use" in stats else None
 
 
-def bench_ours(config, rows, length, devices, rng_impl, warmup, steps):
+def bench_ours(config, rows, length, devices, rng_impl, warmup, steps, mesh_spec=None):
+    """Step and forward timings of this library: pmap/jit over `devices`, or, with `mesh_spec`, jit
+    over a mesh of them."""
     train_config = TrainConfig(rng_impl=rng_impl)
     graphdef, state, tx = create_train_state(config, train_config)
+    if mesh_spec is not None:
+        return bench_ours_mesh(config, rows, length, devices, train_config, graphdef, state, tx, mesh_spec,
+                               warmup, steps)
     train, _ = compile_steps(graphdef, tx, config, train_config, len(devices))
     batch = synthetic_batch(rows, length, config.vocab_size)
     if len(devices) > 1:
@@ -101,6 +112,39 @@ def bench_ours(config, rows, length, devices, rng_impl, warmup, steps):
         forward = jax.pmap(lambda p, b: nnx.merge(graphdef, p)(b["src"], b["tgt_in"]))
     _, forward_median = timed(lambda: forward(params, batch), warmup, steps)
     return first, median, forward_median
+
+
+def bench_ours_mesh(config, rows, length, devices, train_config, graphdef, state, tx, mesh_spec, warmup, steps):
+    from flax import nnx
+
+    from transformer.parallel.mesh import ParallelConfig, check_model_fits, make_mesh
+    from transformer.parallel.rules import batch_sharding, place, replicated, state_shardings
+    from transformer.training import compile_mesh_steps
+
+    mesh = make_mesh(ParallelConfig(parallel="mesh", mesh=mesh_spec), devices)
+    check_model_fits(config, mesh)
+    shardings = state_shardings(state, mesh)
+    train, _ = compile_mesh_steps(graphdef, tx, config, train_config, shardings, batch_sharding(mesh), replicated(mesh))
+    holder = {"state": place(state, shardings)}
+    batch = place(synthetic_batch(rows, length, config.vocab_size), batch_sharding(mesh))
+
+    def step():
+        holder["state"], metrics = train(holder["state"], batch)
+        return metrics
+
+    first, median = timed(step, warmup, steps)
+    forward = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b["src"], b["tgt_in"]),
+                      in_shardings=(shardings.params, batch_sharding(mesh)))
+    _, forward_median = timed(lambda: forward(holder["state"].params, batch), warmup, steps)
+    return first, median, forward_median
+
+
+def mesh_label(spec: str, n_devices: int) -> str:
+    """'data=-1' on 8 devices -> 'data=8' (axes of size 1 left out)."""
+    from transformer.parallel.mesh import ParallelConfig
+
+    sizes = ParallelConfig(parallel="mesh", mesh=spec).axis_sizes(n_devices)
+    return ",".join(f"{k}={v}" for k, v in sizes.items() if v > 1) or "1 device"
 
 
 def bench_flax_stock(config, rows, length, warmup, steps):
@@ -146,6 +190,10 @@ def main():
     parser.add_argument("--attention", nargs="+", default=["reference"], choices=list(ATTENTION_IMPLS),
                         help="attention_impl values; 'auto' is reported with what it resolved to")
     parser.add_argument("--devices", nargs="+", default=["1"], choices=["1", "all"])
+    parser.add_argument("--parallel", nargs="+", default=["pmap"], choices=["pmap", "mesh"],
+                        help="this library's step: pmap (jit on one device) and/or jit over a mesh")
+    parser.add_argument("--mesh", default="data=-1",
+                        help="mesh axis sizes for --parallel mesh, e.g. data=8 or data=2,fsdp=4 (-1: what is left)")
     parser.add_argument("--rng_impl", default="rbg", help="dropout random numbers for this library's step")
     parser.add_argument("--baselines", nargs="*", default=["flax", "torch"], choices=["flax", "torch"])
     parser.add_argument("--dropout_rate", type=float, default=None, help="default: the preset's")
@@ -167,14 +215,15 @@ def main():
                 base_config = PRESETS[preset](**overrides)
                 peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device.device_kind, dtype)
 
-                def record(impl, devices_used, rows, result):
+                def record(impl, devices_used, rows, result, parallel="pmap", mesh=None):
                     if result is None:
                         return
                     first, median, forward_median = result
                     flops = train_flops(base_config, rows, length, length)
                     row = {
                         "preset": preset, "tokens_per_batch": tokens, "length": length, "rows": rows, "dtype": dtype,
-                        "impl": impl, "devices": devices_used, "compile_s": round(first, 3),
+                        "impl": impl, "devices": devices_used, "parallel": parallel, "mesh": mesh,
+                        "compile_s": round(first, 3),
                         "step_s": median, "tokens_per_s": 2 * rows * length / median,
                         "forward_tokens_per_s": 2 * rows * length / forward_median,
                         "train_flops_per_step": flops,
@@ -204,8 +253,20 @@ def main():
                         if devices_arg == "all" and len(devices) == 1 and "1" in args.devices:
                             continue  # "all" is the one device already measured
                         rows = max(tokens // length // len(devices), 1) * len(devices)
-                        record(f"ours ({attention})", len(devices), rows,
-                               bench_ours(config, rows, length, devices, args.rng_impl, args.warmup, args.steps))
+                        for parallel in args.parallel:
+                            if parallel == "pmap":
+                                record(f"ours ({attention})", len(devices), rows,
+                                       bench_ours(config, rows, length, devices, args.rng_impl, args.warmup,
+                                                  args.steps))
+                                continue
+                            try:
+                                label = mesh_label(args.mesh, len(devices))
+                                result = bench_ours(config, rows, length, devices, args.rng_impl, args.warmup,
+                                                    args.steps, mesh_spec=args.mesh)
+                            except ConfigError as err:  # a mesh these devices or this model cannot take
+                                print(f"ours ({attention}, mesh {args.mesh}, {len(devices)} devices): skipped ({err})")
+                                continue
+                            record(f"ours ({attention}, mesh {label})", len(devices), rows, result, "mesh", label)
                 rows = max(tokens // length, 1)
                 if "flax" in args.baselines:
                     record("flax stock nnx", 1, rows, bench_flax_stock(base_config, rows, length, args.warmup, args.steps))
@@ -219,7 +280,7 @@ def main():
 
     ratios = []
     for row in rows_out:
-        if row["impl"].startswith("ours") and row["devices"] == 1:
+        if row["impl"].startswith("ours") and row["devices"] == 1 and row["parallel"] == "pmap":
             for other in rows_out:
                 same = all(other[k] == row[k] for k in ("preset", "tokens_per_batch", "length", "dtype"))
                 if same and not other["impl"].startswith("ours"):

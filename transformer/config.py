@@ -13,6 +13,7 @@ ATTENTION_IMPLS = ("reference", "xla", "cudnn", "auto")
 POSITIONAL_ENCODINGS = ("sinusoidal", "learned")
 NORM_POSITIONS = ("post", "pre")
 DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,11 @@ class TransformerConfig:
     # logits, softmax and LayerNorm statistics stay float32 (README.md, "Precision").
     dtype: Literal["float32", "bfloat16"] = "float32"
     layer_norm_epsilon: float = 1e-6
+    # Activation rematerialisation per encoder/decoder layer in training (not in the paper; memory
+    # for compute): "none" keeps every activation for the backward pass; "full" keeps only each
+    # layer's input and recomputes the rest; "dots" keeps the matrix-multiply outputs and recomputes
+    # the cheap element-wise work (jax.checkpoint_policies.dots_saveable). The results are the same.
+    remat: Literal["none", "full", "dots"] = "none"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "d_ff", "h", "N", "max_len"):
@@ -93,6 +99,7 @@ class TransformerConfig:
             ("norm_position", NORM_POSITIONS),
             ("attention_impl", ATTENTION_IMPLS),
             ("dtype", DTYPES),
+            ("remat", REMAT_POLICIES),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")

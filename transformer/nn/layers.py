@@ -157,12 +157,14 @@ class Encoder(nnx.Module):
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.layers = nnx.List([EncoderLayer(config, rngs=rngs) for _ in range(config.N)])
         self.final_norm = _final_norm(config, rngs)
+        self.remat = config.remat
 
     def __call__(
         self, x: Float[Array, "b s m"], mask: Mask, *, deterministic: bool = True, rngs=None
     ) -> Float[Array, "b s m"]:
+        call = _rematerialised(_encoder_layer, self.remat)
         for layer in self.layers:
-            x = layer(x, mask, deterministic=deterministic, rngs=rngs)
+            x = call(layer, x, mask, deterministic, rngs)
         return x if self.final_norm is None else self.final_norm(x)
 
 
@@ -174,6 +176,7 @@ class Decoder(nnx.Module):
             [DecoderLayer(config, cross_attention=cross_attention, rngs=rngs) for _ in range(config.N)]
         )
         self.final_norm = _final_norm(config, rngs)
+        self.remat = config.remat
 
     def __call__(
         self,
@@ -187,14 +190,16 @@ class Decoder(nnx.Module):
         cache: list[LayerCache] | None = None,
         cache_index: jax.Array | int = 0,
     ) -> tuple[Float[Array, "b t m"], list[LayerCache] | None]:
-        new_cache = None if cache is None else []
+        if cache is None:  # training and scoring: whole sequences, rematerialised if asked
+            call = _rematerialised(_decoder_layer, self.remat)
+            for layer in self.layers:
+                x = call(layer, x, memory, self_mask, cross_mask, deterministic, rngs)
+            return (x if self.final_norm is None else self.final_norm(x)), None
+        new_cache = []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(
-                x, memory, self_mask, cross_mask, deterministic=deterministic, rngs=rngs,
-                cache=None if cache is None else cache[i], cache_index=cache_index,
-            )
-            if new_cache is not None:
-                new_cache.append(layer_cache)
+            x, layer_cache = layer(x, memory, self_mask, cross_mask, deterministic=deterministic, rngs=rngs,
+                                   cache=cache[i], cache_index=cache_index)
+            new_cache.append(layer_cache)
         return (x if self.final_norm is None else self.final_norm(x)), new_cache
 
     def init_cache(self, batch: int, max_len: int, memory=None, dtype=jnp.float32) -> list[LayerCache]:
@@ -213,3 +218,21 @@ def layer_norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     annotate(norm.scale, EMBED)
     annotate(norm.bias, EMBED)
     return norm
+
+
+def _encoder_layer(layer: EncoderLayer, x, mask, deterministic: bool, rngs):
+    return layer(x, mask, deterministic=deterministic, rngs=rngs)
+
+
+def _decoder_layer(layer: DecoderLayer, x, memory, self_mask, cross_mask, deterministic: bool, rngs):
+    return layer(x, memory, self_mask, cross_mask, deterministic=deterministic, rngs=rngs)[0]
+
+
+def _rematerialised(call: Callable, policy: str) -> Callable:
+    """`call(layer, …)` as it is ("none"), or under nnx.remat (jax.checkpoint): the backward pass
+    recomputes the layer's activations instead of keeping them; "dots" keeps the matrix products."""
+    if policy == "none":
+        return call
+    deterministic_at = call.__code__.co_varnames.index("deterministic")  # a Python bool: static
+    saved = jax.checkpoint_policies.dots_saveable if policy == "dots" else None
+    return nnx.remat(call, static_argnums=(deterministic_at,), policy=saved)

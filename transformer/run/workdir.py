@@ -72,6 +72,8 @@ RESUME_MAY_CHANGE = ("num_train_steps", "log_every", "eval_every", "eval_batches
                      "keep_checkpoints", "eval_split", "test_split", "tfds_data_dir", "beam_size", "length_penalty",
                      "max_decode_extra", "bleu_examples")
 RESUME_MAY_CHANGE_WITH_NOTE = ("lr_scale", "warmup_steps")
+# TransformerConfig fields that change how the same model is computed, not what it computes.
+MODEL_MAY_CHANGE = ("attention_impl", "remat")
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:
@@ -117,7 +119,7 @@ def check_resume(workdir: str, model_config: TransformerConfig, train_config: Tr
         new = getattr(model_config, field)
         if field == "vocab_size":
             old = saved.get("requested_vocab_size", new)  # older config.json files did not record it
-        if new != old:
+        if new != old and field not in MODEL_MAY_CHANGE:
             differ.append(f"--{field} {old} -> {new}")
     noted = []
     for field, old in dataclasses.asdict(saved_train).items():
