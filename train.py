@@ -79,7 +79,8 @@ def main() -> int:
                 where += f" in {jax.process_count()} processes"
             if trainer.layout.mode == "mesh":
                 where += " on a mesh " + ",".join(f"{k}={v}" for k, v in trainer.layout.mesh.shape.items())
-            print(f"work dir {workdir}; {where}; {len(trainer.train_examples)} training pairs; "
+            print_main = print if trainer.is_main_process else (lambda *a, **k: None)
+            print_main(f"work dir {workdir}; {where}; {len(trainer.train_examples)} training pairs; "
                   f"vocabulary {trainer.model_config.vocab_size}; attention {trainer.attention_impl}"
                   + (" (auto)" if trainer.model_config.attention_impl == "auto" else "")
                   + (f"; resuming from step {trainer.resumed_from}" if trainer.resumed_from else ""), flush=True)
@@ -98,6 +99,8 @@ def main() -> int:
                              f"{os.path.join(workdir, 'checkpoints')} (run again with the same --workdir to go on)",
                              code=0) from None
         raise Terminated(f"SIGTERM during {phase}: stopped before any checkpoint of step {current or 0} was saved") from None
+    if not trainer.is_main_process:  # one report per run: process 0's
+        return 0
     print(f"finished step {summary['step']} in {time.time() - started:.0f} s")
     if "validation" in summary:
         v = summary["validation"]

@@ -157,7 +157,7 @@ def analyse(config: TransformerConfig, mode: str, rows: int, length: int, n_devi
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
     return {
         "d_model": config.d_model, "d_ff": config.d_ff, "h": config.h, "N": config.N,
-        "vocab_size": config.vocab_size, "dtype": config.dtype, "parameters": n_params,
+        "vocab_size": config.vocab_size, "dtype": config.dtype, "remat": config.remat, "parameters": n_params,
         "mode": mode, "mesh": mesh_sizes, "devices": n_devices, "rows": rows, "length": length,
         "rows_per_device": rows_per_device,
         "params_bytes": held_params, "opt_state_bytes": held_opt,
@@ -168,13 +168,13 @@ def analyse(config: TransformerConfig, mode: str, rows: int, length: int, n_devi
     }
 
 
-def largest(mode, rows, length, n_devices, train_config, budget, n_layers, dtype, cache, log):
+def largest(mode, rows, length, n_devices, train_config, budget, n_layers, overrides, cache, log):
     """The largest k whose family(k) peak fits `budget` bytes per device, bracketed by two compiles."""
 
     def peak(k):
         key = (mode, k)
         if key not in cache:
-            config = family(k, n_layers, dtype=dtype, max_len=max(length, 1024))
+            config = family(k, n_layers, **overrides)
             cache[key] = analyse(config, mode, rows, length, n_devices, train_config)
             log(cache[key])
         return cache[key]["peak_bytes"]
@@ -219,6 +219,8 @@ def main():
                         "rounded down to a multiple of --devices")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="compute dtype; parameters and Adam state are float32 either way")
+    parser.add_argument("--remat", default="none", choices=["none", "full", "dots"],
+                        help="activation rematerialisation per layer (TransformerConfig.remat)")
     parser.add_argument("--largest", action="store_true",
                         help="also find the largest d_model of the family (module docstring) under --budget_gb")
     parser.add_argument("--budget_gb", type=float, default=80.0, help="per-device budget, 10^9 bytes")
@@ -231,16 +233,17 @@ def main():
     rows = max(args.tokens // args.length // args.devices, 1) * args.devices
     train_config = TrainConfig()
     print(f"batch: {rows} rows x {args.length} tokens per side ({rows * args.length} tokens), "
-          f"{args.devices} {jax.devices()[0].platform} devices, compute {args.dtype}", flush=True)
+          f"{args.devices} {jax.devices()[0].platform} devices, compute {args.dtype}, remat {args.remat}", flush=True)
 
     def log(r):
         print(f"  compiled d_model={r['d_model']:5d} N={r['N']} {r['mode']:>12s}: peak {fmt_gb(r['peak_bytes'])} GB "
               f"(args {fmt_gb(r['argument_bytes'])}, temp {fmt_gb(r['temp_bytes'])}) in {r['compile_s']} s",
               flush=True)
 
+    overrides = {"dtype": args.dtype, "remat": args.remat, "max_len": max(args.length, 1024)}
     results, skipped = [], []
     for name in args.models:
-        config = MODELS[name](dtype=args.dtype, max_len=max(args.length, 1024))
+        config = MODELS[name](**overrides)
         for mode in args.modes:
             try:
                 r = analyse(config, mode, rows, args.length, args.devices, train_config)
@@ -261,11 +264,11 @@ def main():
         for mode in args.modes:
             print(f"largest model under {args.budget_gb:g} GB per device, {mode}:", flush=True)
             searches.append(largest(mode, rows, args.length, args.devices, train_config, args.budget_gb * GB,
-                                    args.largest_N, args.dtype, cache, log))
+                                    args.largest_N, overrides, cache, log))
 
     print()
     print(f"Per-device bytes (GB = 10^9) of the training step, {rows}x{args.length} tokens per side, "
-          f"compute {args.dtype}, float32 parameters and Adam state, {args.devices} {jax.devices()[0].platform} "
+          f"compute {args.dtype}, remat {args.remat}, float32 parameters and Adam state, {args.devices} {jax.devices()[0].platform} "
           f"devices; XLA compiled memory analysis")
     print()
     print("| model | mode | rows/device | params | Adam state | arguments | temp | outputs − aliased | peak | compile (s) |")

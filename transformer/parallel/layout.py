@@ -34,8 +34,18 @@ class PmapLayout:
         return replicate_on_devices(state, self.devices) if self.n_devices > 1 else state
 
     def one_copy(self, tree: Any) -> Any:
-        """One copy of a result the step gives per device (the copies are equal)."""
-        return jax.tree.map(lambda x: x[0], tree) if self.n_devices > 1 else tree
+        """One copy of a result the step gives per device (the copies are equal). Read from this
+        process's first device: indexing would be a computation over every process's devices, which
+        all processes would have to run in step."""
+        if self.n_devices == 1:
+            return tree
+
+        def first(x):
+            if isinstance(x, jax.Array):
+                return x.addressable_shards[0].data.reshape(x.shape[1:])
+            return x[0]
+
+        return jax.tree.map(first, tree)
 
     def placer(self):
         return pmap_placer(self.devices)

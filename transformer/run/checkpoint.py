@@ -58,6 +58,16 @@ def _finite_per_leaf(leaves: list) -> list:
     return [jax.numpy.isfinite(x).all() for x in leaves]
 
 
+def _sharded_over_a_mesh(state: Any) -> bool:
+    """Arrays sharded over a mesh (of every process's devices, or of one process's several) are
+    written shard by shard by the processes that hold them, never gathered. Anything else (one
+    device's arrays, pmap's per-process copies) is saved from host copies."""
+    leaves = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+    if any(not x.is_fully_addressable for x in leaves):
+        return True
+    return jax.process_count() == 1 and any(len(x.sharding.device_set) > 1 for x in leaves)
+
+
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:
     """What to restore `x` as: its shape and dtype, and its sharding if it is a JAX array (so that a
     checkpoint saved under one mesh, or by pmap, is read straight into another layout)."""
@@ -108,10 +118,8 @@ class Checkpoints:
         bad = non_finite_leaf(state)
         if bad is not None:
             raise NonFiniteState(f"{bad} holds NaN or inf")
-        # Arrays sharded over a mesh are written shard by shard by the processes that hold them (Orbax),
-        # never gathered; one-device arrays are saved from host copies.
-        if not any(isinstance(x, jax.Array) and len(x.sharding.device_set) > 1 for x in jax.tree.leaves(state)):
-            state = jax.device_get(state)
+        if not _sharded_over_a_mesh(state):
+            state = jax.device_get(state)  # host copies, saved by process 0 (a pmap copy is the same everywhere)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                           force=True)
         self.manager.wait_until_finished()

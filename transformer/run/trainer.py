@@ -99,6 +99,21 @@ def make_tokenizer(config: TrainConfig, corpus: Corpus, vocab_size: int, workdir
         raise data_lib.DataError(f"SentencePiece could not train a tokenizer on the training text ({detail})") from None
 
 
+def _preemption_sync_point(micro_step: int) -> bool:
+    """True on every process at the same micro-step, once any process of the run got SIGTERM."""
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.reached_preemption_sync_point(micro_step)
+
+
+def _all_processes_reach(point: str) -> None:
+    """A barrier between the processes of a multi-process run (nothing for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(point)
+
+
 @jax.jit
 def _all_finite(tree) -> jax.Array:
     """Whether every floating-point array of `tree` is free of NaN and inf (on the device)."""
@@ -116,7 +131,8 @@ class Trainer:
                  parallel: ParallelConfig | None = None):
         self.parallel = parallel or ParallelConfig()
         self.requested_devices = devices
-        self.show_progress = show_progress and jax.process_index() == 0
+        self.is_main_process = jax.process_index() == 0  # writes metrics, prints, holds the work dir's lock
+        self.show_progress = show_progress and self.is_main_process
         self.workdir = workdir
         self.train_config = train_config
         self.lock: WorkdirLock | None = None
@@ -134,8 +150,15 @@ class Trainer:
         if jax.process_index() == 0:  # the other hosts of a multi-host run share process 0's work dir
             self.lock = WorkdirLock(workdir)
         saved = check_resume(workdir, model_config, train_config)
+        _all_processes_reach("the work dir's settings are read")  # before process 0 writes any of them
         self.corpus = load_corpus(train_config)
-        self.tokenizer = make_tokenizer(train_config, self.corpus, model_config.vocab_size, workdir, saved is not None)
+        if saved is None and jax.process_index() > 0:  # process 0 trains the run's tokenizer; the others load it
+            _all_processes_reach("the tokenizer is saved")
+            self.tokenizer = make_tokenizer(train_config, self.corpus, model_config.vocab_size, workdir, resume=True)
+        else:
+            self.tokenizer = make_tokenizer(train_config, self.corpus, model_config.vocab_size, workdir, saved is not None)
+            if saved is None:
+                _all_processes_reach("the tokenizer is saved")
         requested_vocab_size = model_config.vocab_size
         model_config = dataclasses.replace(model_config, vocab_size=self.tokenizer.vocab_size, pad_id=self.tokenizer.pad_id)
         if saved is not None and saved["model"]["vocab_size"] != model_config.vocab_size:
@@ -268,13 +291,19 @@ class Trainer:
         start_micro = self.data_position
         state = self.layout.to_devices(self.state)  # as the step takes it, from here until the `finally`
         stop = {"signal": None}
-        previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+        # SIGTERM: finish the step, save, return. With several processes, a SIGTERM to any of them must
+        # stop all of them at the same step: JAX's preemption service (its own SIGTERM handler, which a
+        # Python handler would replace) tells every process which step that is.
+        several = jax.process_count() > 1
+        previous_handler = None if several else signal.signal(
+            signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
         batches = data_lib.prefetch(self._host_batches(self.train_plan, start_micro), self.layout.placer())
 
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.num_train_steps, initial=start_micro // accum, disable=not self.show_progress,
                    desc="train", unit="step", dynamic_ncols=True)
+        say = bar.write if self.is_main_process else (lambda line: None)  # one report per run: process 0's
         pending: list[tuple[int, dict]] = []  # per-step metrics still on the device
         last_log = time.perf_counter()
         summary: dict = {"resumed_from": self.resumed_from}
@@ -310,6 +339,8 @@ class Trainer:
                 state, metrics = self.train_step(state, batch)
                 pending.append((micro, metrics))
                 micro += 1
+                if several and _preemption_sync_point(micro):
+                    stop["signal"] = signal.SIGTERM
                 if micro % accum:
                     continue
                 step = micro // accum
@@ -325,7 +356,7 @@ class Trainer:
                     ev = self.evaluate(state.params, cfg.eval_batches, replicated=True)
                     self.metrics.write(step, "validation", **ev)
                     summary["validation"] = ev
-                    bar.write(f"step {step}: validation loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.4f}, "
+                    say(f"step {step}: validation loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.4f}, "
                               f"perplexity {ev['perplexity']:.2f}")
                     last_log = time.perf_counter()
                 if step % cfg.checkpoint_every == 0 or step == cfg.num_train_steps or stop["signal"]:
@@ -333,13 +364,14 @@ class Trainer:
                     self.save(state, step)
                     vouch_step = step + 1
                 if stop["signal"]:
-                    bar.write(f"SIGTERM: saved a checkpoint at step {step} in {self.checkpoints.directory}; exiting")
+                    say(f"SIGTERM: saved a checkpoint at step {step} in {self.checkpoints.directory}; exiting")
                     summary["stopped_by_signal"] = True
                     break
         finally:
             batches.close()  # stops the prefetch thread, which would otherwise wait on a full queue
             bar.close()
-            signal.signal(signal.SIGTERM, previous_handler)
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
             try:
                 self.state = self.layout.one_copy(state)
                 self.data_position = int(self.state.step)
