@@ -116,7 +116,9 @@ def test_two_processes_stopped_and_resumed_end_as_one_process_with_all_devices(t
     (out0, _), (out1, _) = _finish(_start(workdir, [*RUN, *data, *layout]))
     assert "resuming from step" in out0 and "in 2 processes" in out0
     # One report per run, process 0's (gloo itself prints its connections to standard output).
-    assert [line for line in out1.splitlines() if not line.startswith("[Gloo]")] == []
+    # (gloo's threads may split each other's lines)
+    assert [line for line in out1.splitlines() if line.strip() and "peer ranks" not in line
+            and not line.startswith("[Gloo]")] == []
     got, meta = _final_params(workdir)
     assert meta["step"] == expected_meta["step"] == 10
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):

@@ -18,7 +18,9 @@ from jaxtyping import Array, Bool, Float
 from transformer.config import ConfigError, TransformerConfig
 from transformer.nn.dropout import Dropout
 from transformer.nn.masks import AttentionMask, as_attention_mask
-from transformer.nn.partitioning import EMBED, HEADS, KV
+from transformer.nn.partitioning import BATCH, EMBED, HEADS, KV, constrain
+
+_HEADS_LAYOUT = (BATCH, None, HEADS, None)  # [b, l, h, d]: rows and heads split (mesh mode only)
 
 
 def scaled_dot_product_attention(
@@ -151,7 +153,7 @@ class MultiHeadAttention(nnx.Module):
     def project_query(self, x: Float[Array, "b q m"]) -> Float[Array, "b q h d"]:
         """Q·W_i^Q for every head i."""
         dtype = self.config.compute_dtype
-        return jnp.einsum("bqm,mhd->bqhd", x.astype(dtype), self.w_q[...].astype(dtype))
+        return constrain(jnp.einsum("bqm,mhd->bqhd", x.astype(dtype), self.w_q[...].astype(dtype)), *_HEADS_LAYOUT)
 
     def project_key_value(self, x: Float[Array, "b k m"]) -> tuple[Float[Array, "b k h d"], Float[Array, "b k h d"]]:
         """K·W_i^K and V·W_i^V for every head i."""
@@ -159,7 +161,7 @@ class MultiHeadAttention(nnx.Module):
         x = x.astype(dtype)
         k = jnp.einsum("bkm,mhd->bkhd", x, self.w_k[...].astype(dtype))
         v = jnp.einsum("bkm,mhd->bkhd", x, self.w_v[...].astype(dtype))
-        return k, v
+        return constrain(k, *_HEADS_LAYOUT), constrain(v, *_HEADS_LAYOUT)
 
     def attend(
         self,

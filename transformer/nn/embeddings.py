@@ -11,7 +11,7 @@ from jaxtyping import Array, Float, Int
 
 from transformer.config import TransformerConfig
 from transformer.nn.dropout import Dropout
-from transformer.nn.partitioning import EMBED, POSITION, VOCAB, annotate
+from transformer.nn.partitioning import BATCH, EMBED, POSITION, VOCAB, annotate, constrain
 
 
 def sinusoidal_positional_encoding(positions: Int[Array, "*batch l"], d_model: int) -> Float[Array, "*batch l m"]:
@@ -103,9 +103,8 @@ class PreSoftmaxProjection(nnx.Module):
             annotate(self.linear.kernel, EMBED, VOCAB)
 
     def __call__(self, x: Float[Array, "b l m"], token_embedding: TokenEmbedding) -> Float[Array, "b l v"]:
-        if self.linear is None:
-            return token_embedding.logits(x)
-        return self.linear(x)
+        logits = token_embedding.logits(x) if self.linear is None else self.linear(x)
+        return constrain(logits, BATCH, None, VOCAB)
 
 
 class InputEmbedding(nnx.Module):
@@ -141,4 +140,4 @@ class InputEmbedding(nnx.Module):
             pe = sinusoidal_positional_encoding(positions, self.config.d_model)
         # The sum is formed in float32 and rounded to the compute dtype once.
         x = (self.token_embedding(tokens, jnp.float32) + pe).astype(self.config.compute_dtype)
-        return self.dropout(x, deterministic=deterministic, rngs=rngs)
+        return constrain(self.dropout(x, deterministic=deterministic, rngs=rngs), BATCH, None, None)

@@ -8,7 +8,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from transformer.config import TransformerConfig
-from transformer.nn.partitioning import EMBED, MLP, annotate
+from transformer.nn.partitioning import BATCH, EMBED, MLP, annotate, constrain
 
 
 class PositionwiseFeedForward(nnx.Module):
@@ -31,5 +31,5 @@ class PositionwiseFeedForward(nnx.Module):
         annotate(self.linear_2.bias, EMBED)
 
     def __call__(self, x: Float[Array, "b l m"]) -> Float[Array, "b l m"]:
-        hidden = jax.nn.relu(self.linear_1(x)).astype(self.dtype)
+        hidden = constrain(jax.nn.relu(self.linear_1(x)).astype(self.dtype), BATCH, None, MLP)
         return self.linear_2(hidden).astype(self.dtype)

@@ -14,7 +14,7 @@ from transformer.config import TransformerConfig
 from transformer.nn.dropout import Dropout
 from transformer.nn.feed_forward import PositionwiseFeedForward
 from transformer.nn.masks import AttentionMask
-from transformer.nn.partitioning import EMBED, annotate
+from transformer.nn.partitioning import BATCH, EMBED, annotate, constrain
 
 # A mask as `MultiHeadAttention.attend` takes it: a description (padding lengths, causal flag, dense
 # part) or a boolean [b, 1, q, k] array, True = may attend.
@@ -164,7 +164,7 @@ class Encoder(nnx.Module):
     ) -> Float[Array, "b s m"]:
         call = _rematerialised(_encoder_layer, self.remat)
         for layer in self.layers:
-            x = call(layer, x, mask, deterministic, rngs)
+            x = constrain(call(layer, x, mask, deterministic, rngs), BATCH, None, None)
         return x if self.final_norm is None else self.final_norm(x)
 
 
@@ -193,7 +193,7 @@ class Decoder(nnx.Module):
         if cache is None:  # training and scoring: whole sequences, rematerialised if asked
             call = _rematerialised(_decoder_layer, self.remat)
             for layer in self.layers:
-                x = call(layer, x, memory, self_mask, cross_mask, deterministic, rngs)
+                x = constrain(call(layer, x, memory, self_mask, cross_mask, deterministic, rngs), BATCH, None, None)
             return (x if self.final_norm is None else self.final_norm(x)), None
         new_cache = []
         for i, layer in enumerate(self.layers):

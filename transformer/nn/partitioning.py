@@ -1,4 +1,5 @@
-"""Logical axis names of the parameters, declared where each module creates them.
+"""Logical axis names of the parameters, declared where each module creates them, and of the
+activations at a few key points (`constrain`).
 
 Every parameter carries `logical_axes` metadata: one name per array axis (None: an axis that is never
 split). The modules say what an axis *is*; `transformer/parallel/rules.py` says, in one table, which
@@ -9,8 +10,13 @@ it is never read.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, Iterator
+
+import jax
 from flax import nnx
 
+BATCH = "batch"  # rows of a batch (activations only)
 VOCAB = "vocab"  # rows of the embedding table / columns of the pre-softmax projection
 EMBED = "embed"  # d_model
 HEADS = "heads"  # h, the attention heads
@@ -30,3 +36,27 @@ def annotate(variable: nnx.Variable, *axes: str | None) -> None:
 def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
     """The names declared for `variable`, or None where none were."""
     return variable.get_metadata().get("logical_axes")
+
+
+# The rule that turns logical axis names into a sharding, while a mesh step is being traced.
+_ACTIVATION_RULES: list[Callable[[tuple, tuple], jax.sharding.Sharding]] = []
+
+
+@contextlib.contextmanager
+def activation_sharding(rule: Callable[[tuple, tuple], jax.sharding.Sharding]) -> Iterator[None]:
+    """While tracing under this, `constrain` pins activations to `rule(logical_axes, shape)`. Set once,
+    by the mesh step (`training/step.py`); elsewhere (one device, pmap, decoding) `constrain` is a no-op."""
+    _ACTIVATION_RULES.append(rule)
+    try:
+        yield
+    finally:
+        _ACTIVATION_RULES.pop()
+
+
+def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
+    """Pin the layout of an activation by its logical axes (one per array axis). Without it XLA may
+    lay activations out like the parameters they meet (under fsdp: d_model split, every row on every
+    device) instead of splitting the batch."""
+    if not _ACTIVATION_RULES:
+        return x
+    return jax.lax.with_sharding_constraint(x, _ACTIVATION_RULES[-1](axes, x.shape))

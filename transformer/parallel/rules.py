@@ -17,9 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from transformer.nn.partitioning import EMBED, HEADS, KV, MLP, VOCAB, logical_axes
-
-BATCH = "batch"  # the rows of a batch (not a parameter axis)
+from transformer.nn.partitioning import BATCH, EMBED, HEADS, KV, MLP, VOCAB, logical_axes
 
 # logical axis -> mesh axes that split it (None: never split)
 RULES: dict[str, tuple[str, ...] | None] = {
@@ -67,6 +65,11 @@ def state_shardings(tree: Any, mesh: Mesh) -> Any:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches: rows split over data × fsdp, every other axis whole."""
     return NamedSharding(mesh, partition_spec((BATCH,), (math.prod(mesh.shape[a] for a in RULES[BATCH]),), mesh))
+
+
+def activation_rule(mesh: Mesh):
+    """For `nn.partitioning.activation_sharding`: logical axes and shape -> NamedSharding on `mesh`."""
+    return lambda axes, shape: NamedSharding(mesh, partition_spec(axes, shape, mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

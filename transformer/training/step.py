@@ -11,6 +11,8 @@ import optax
 from flax import nnx
 
 from transformer.config import TransformerConfig
+from transformer.nn.partitioning import activation_sharding
+from transformer.parallel.rules import activation_rule
 from transformer.training.config import TrainConfig
 from transformer.training.loss import loss_and_metrics
 from transformer.training.state import TrainState
@@ -135,10 +137,19 @@ def compile_mesh_steps(graphdef, tx, model_config: TransformerConfig, train_conf
     sums over the global batch are XLA's collectives), with the state's and the batch's shardings
     declared (`parallel/rules.py`) and the state donated. The metrics come out replicated."""
     common = dict(label_smoothing=train_config.label_smoothing, pad_id=model_config.pad_id)
+    rule = activation_rule(batch_sharding.mesh)
+
+    def pinned(fn):
+        """`fn` traced with the activations' layout pinned at the key points (`nn.partitioning.constrain`)."""
+        def traced(*args):
+            with activation_sharding(rule):
+                return fn(*args)
+        return traced
+
     step = make_train_step(graphdef, tx, rng_impl=train_config.rng_impl,
                            grad_accum_steps=train_config.grad_accum_steps, **common)
-    train = jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
-                    donate_argnums=0)
-    evaluate = jax.jit(make_eval_step(graphdef, **common), in_shardings=(state_shardings.params, batch_sharding),
+    train = jax.jit(pinned(step), in_shardings=(state_shardings, batch_sharding),
+                    out_shardings=(state_shardings, replicated), donate_argnums=0)
+    evaluate = jax.jit(pinned(make_eval_step(graphdef, **common)), in_shardings=(state_shardings.params, batch_sharding),
                        out_shardings=replicated)
     return train, evaluate
