@@ -158,3 +158,23 @@ def test_a_tensor_size_that_does_not_divide_the_heads_or_d_ff_is_refused():
         check_model_fits(dataclasses.replace(MODEL, h=6, d_model=24), mesh)
     with pytest.raises(ConfigError, match="tensor=4 does not divide d_ff=30"):
         check_model_fits(dataclasses.replace(MODEL, d_ff=30), mesh)
+
+
+def test_gradient_accumulation_on_a_mesh_equals_it_on_one_device(reference):
+    """Two micro-batches per update: the mesh step accumulates the sharded gradients as one device does."""
+    train = dataclasses.replace(TRAIN, grad_accum_steps=2)
+    graphdef, state, tx = create_train_state(MODEL, train)
+    single_step, _ = compile_steps(graphdef, tx, MODEL, train, 1)
+    single, single_losses = _run(single_step, jax.tree.map(jnp.copy, state), reference["batches"])
+    mesh = make_mesh(ParallelConfig(parallel="mesh", mesh="data=2,fsdp=2,tensor=2"))
+    shardings = state_shardings(state, mesh)
+    step, _ = compile_mesh_steps(graphdef, tx, MODEL, train, shardings, batch_sharding(mesh), replicated(mesh))
+    sharded, losses = _run(step, place(state, shardings), reference["batches"], lambda b: place(b, batch_sharding(mesh)))
+    assert int(sharded.step) == 2
+    np.testing.assert_allclose([float(x) for x in losses], [float(x) for x in single_losses], rtol=1e-5)
+    got, expected = jax.device_get(sharded), jax.device_get(single)
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(expected.params)):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+    moved = max(float(np.abs(a - np.asarray(b)).max())
+                for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(state.params)))
+    assert moved > 1e-4  # the second micro-batch applied the update

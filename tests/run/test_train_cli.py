@@ -186,6 +186,11 @@ def test_tfds_dataset_through_mock_data(tmp_path):
         (["--workdir", "/proc/forbidden/run"], 1, "cannot write to work dir"),
         (["--batch_tokens", "40", "--max_length", "16"], 8, "8 devices cannot divide"),
         (["--dataset_dir", "{tmp}/uneven", "--src_lang", "de", "--tgt_lang", "en"], 1, "differ in length"),
+        (["--parallel", "mesh", "--mesh", "data=3"], 8, "--mesh data=3,fsdp=1,tensor=1 needs 3 devices but there are 8"),
+        (["--parallel", "mesh", "--mesh", "data=2,tensor=4", "--d_model", "24", "--h", "6"], 8,
+         "tensor=4 does not divide h=6"),
+        (["--mesh", "data=2,pipeline=4"], 1, "NAME one of data, fsdp, tensor"),
+        (["--coordinator_address", "nohost", "--num_processes", "2", "--process_id", "0"], 1, "must be HOST:PORT"),
     ],
 )
 def test_bad_input_is_one_line_with_exit_code_2(tmp_path, args, devices, message):
