@@ -1,1 +1,2 @@
-"""Running on several devices and hosts: pmap's device layout and JAX's multi-process runtime."""
+"""Running on several devices and hosts: the data/fsdp/tensor mesh and its sharding rules, the
+layout of state and batches in each mode (pmap or mesh), and JAX's multi-process runtime."""

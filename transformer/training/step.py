@@ -1,5 +1,5 @@
 """§5 One pure train step (state, batch) -> (state, metrics), and the eval step; run under `jax.jit`
-on one device or `jax.pmap` across all local devices."""
+on one device, `jax.pmap` across this host's devices, or `jax.jit` over a device mesh."""
 
 from __future__ import annotations
 
