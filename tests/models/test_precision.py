@@ -6,7 +6,6 @@ run must reach the float32 run's held-out accuracy.
 """
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp

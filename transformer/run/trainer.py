@@ -1,6 +1,6 @@
-"""A whole training run: data, tokenizer, model, the jitted/pmapped train step, evaluation,
-checkpoints that resume exactly, metrics, and scoring at the end. train.py only parses flags
-and drives a `Trainer`.
+"""A whole translation run: data, tokenizer, model, the jitted/pmapped/mesh train step, the training
+loop (`training/loop.py`) with this run's hooks (metrics, evaluation, checkpoints that resume
+exactly), and scoring at the end. train.py only parses flags and drives a `Trainer`.
 
 Where the state lives (`parallel/layout.py`): `Trainer.state` is always one copy (what is
 checkpointed, scored and handed to decoding): host-side arrays under pmap, global arrays sharded
@@ -12,16 +12,12 @@ One live run per work dir: `WorkdirLock`. A resumed run must use the run's setti
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
-import signal
 import sys
-import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from transformer import data as data_lib
@@ -34,7 +30,9 @@ from transformer.run.checkpoint import Checkpoints, NonFiniteState
 from transformer.run.cli import RunStopped, UserError, disk_full
 from transformer.run.metrics import MetricsWriter, plot_curves
 from transformer.run.workdir import WorkdirLock, check_resume, check_workdir, write_config_json
-from transformer.training import TrainConfig, compile_mesh_steps, compile_steps, create_train_state, summarize
+from transformer.training import (
+    LoopHooks, TrainConfig, TrainLoop, compile_mesh_steps, compile_steps, create_train_state, summarize,
+)
 
 
 class NonFiniteLoss(RunStopped):
@@ -99,26 +97,12 @@ def make_tokenizer(config: TrainConfig, corpus: Corpus, vocab_size: int, workdir
         raise data_lib.DataError(f"SentencePiece could not train a tokenizer on the training text ({detail})") from None
 
 
-def _preemption_sync_point(micro_step: int) -> bool:
-    """True on every process at the same micro-step, once any process of the run got SIGTERM."""
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.reached_preemption_sync_point(micro_step)
-
-
 def _all_processes_reach(point: str) -> None:
     """A barrier between the processes of a multi-process run (nothing for one process)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(point)
-
-
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-    """Whether every floating-point array of `tree` is free of NaN and inf (on the device)."""
-    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
 class Trainer:
@@ -282,115 +266,45 @@ class Trainer:
                             f"{self.checkpoints.directory}; {self._newest_good()}: free some space and run "
                             "again to resume from it") from None
 
-    # -- the loop ------------------------------------------------------------------------------
+    # -- the loop (training/loop.py) with this run's hooks --------------------------------------
 
     def run(self) -> dict:
+        """Train from the newest checkpoint (or the start) to num_train_steps; SIGTERM saves and returns."""
         cfg = self.train_config
-        accum = cfg.grad_accum_steps
-        total_micro = cfg.num_train_steps * accum
         start_micro = self.data_position
-        state = self.layout.to_devices(self.state)  # as the step takes it, from here until the `finally`
-        stop = {"signal": None}
-        # SIGTERM: finish the step, save, return. With several processes, a SIGTERM to any of them must
-        # stop all of them at the same step: JAX's preemption service (its own SIGTERM handler, which a
-        # Python handler would replace) tells every process which step that is.
-        several = jax.process_count() > 1
-        previous_handler = None if several else signal.signal(
-            signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
         batches = data_lib.prefetch(self._host_batches(self.train_plan, start_micro), self.layout.placer())
-
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.num_train_steps, initial=start_micro // accum, disable=not self.show_progress,
-                   desc="train", unit="step", dynamic_ncols=True)
-        say = bar.write if self.is_main_process else (lambda line: None)  # one report per run: process 0's
-        pending: list[tuple[int, dict]] = []  # per-step metrics still on the device
-        last_log = time.perf_counter()
-        summary: dict = {"resumed_from": self.resumed_from}
-        # The step after a checkpoint vouches for it (see _vouch); the first one vouches for the resumed one.
-        vouch_step = self.resumed_from + 1 if self.resumed_from is not None else None
-
-        def flush(micro_step: int) -> dict | None:
-            """Fetch pending metrics; stop on a non-finite loss, naming the step."""
-            nonlocal pending, last_log
-            if not pending:
-                return None
-            fetched = jax.device_get([m for _, m in pending])
-            steps = [s for s, _ in pending]
-            pending = []
-            totals: dict[str, float] = {}
-            for s, m in zip(steps, fetched):
-                m = self.layout.one_copy(m)
-                if not math.isfinite(float(m["loss_sum"])):
-                    raise NonFiniteLoss(self._non_finite(f"the loss became {float(m['loss_sum'])}", s // accum + 1))
-                for k, v in m.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
-            now = time.perf_counter()
-            elapsed, last_log = now - last_log, now
-            result = summarize(totals)
-            result["tokens_per_s"] = (totals["tokens"] + totals["src_tokens"]) / max(elapsed, 1e-9)
-            result["learning_rate"] = float(self._learning_rate(micro_step // accum))
-            return result
-
+        loop = TrainLoop(self.train_step, cfg.loop, self._hooks(), show_progress=self.show_progress)
         try:
-            micro = start_micro
-            while micro < total_micro:
-                _, batch = next(batches)
-                state, metrics = self.train_step(state, batch)
-                pending.append((micro, metrics))
-                micro += 1
-                if several and _preemption_sync_point(micro):
-                    stop["signal"] = signal.SIGTERM
-                if micro % accum:
-                    continue
-                step = micro // accum
-                bar.update(1)
-                if step == vouch_step:
-                    self._vouch(state, [m for _, m in pending[-accum:]], step)
-                if step % cfg.log_every == 0 or step == cfg.num_train_steps:
-                    logged = flush(micro)
-                    self.metrics.write(step, "train", **logged)
-                    bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{logged['learning_rate']:.2e}",
-                                    tok_s=f"{logged['tokens_per_s']:.0f}")
-                if step % cfg.eval_every == 0 or step == cfg.num_train_steps:
-                    ev = self.evaluate(state.params, cfg.eval_batches, replicated=True)
-                    self.metrics.write(step, "validation", **ev)
-                    summary["validation"] = ev
-                    say(f"step {step}: validation loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.4f}, "
-                              f"perplexity {ev['perplexity']:.2f}")
-                    last_log = time.perf_counter()
-                if step % cfg.checkpoint_every == 0 or step == cfg.num_train_steps or stop["signal"]:
-                    flush(micro)  # never save a state whose loss went non-finite
-                    self.save(state, step)
-                    vouch_step = step + 1
-                if stop["signal"]:
-                    say(f"SIGTERM: saved a checkpoint at step {step} in {self.checkpoints.directory}; exiting")
-                    summary["stopped_by_signal"] = True
-                    break
+            result = loop.run(self.layout.to_devices(self.state), (batch for _, batch in batches), start_micro,
+                              vouch_first=self.resumed_from is not None)
         finally:
             batches.close()  # stops the prefetch thread, which would otherwise wait on a full queue
-            bar.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
-            try:
-                self.state = self.layout.one_copy(state)
-                self.data_position = int(self.state.step)
+            try:  # back to one copy (see the module docstring), also when the loop ended in an error
+                if loop.state is not None:
+                    self.state = self.layout.one_copy(loop.state)
+                    self.data_position = int(self.state.step)
             except RuntimeError:  # its buffers went to a step that never finished (the error on the way out says why)
                 pass
-        summary["step"] = int(self.state.step) // accum
+        summary: dict = {"resumed_from": self.resumed_from, "step": int(self.state.step) // cfg.grad_accum_steps}
+        if result.evaluation is not None:
+            summary["validation"] = result.evaluation
+        if result.stopped_by_signal:
+            summary["stopped_by_signal"] = True
         return summary
 
-    def _vouch(self, state, step_metrics: list, step: int) -> None:
-        """A checkpoint counts as good once the step after it ran to a finite loss and a finite state.
-        A finite checkpoint can still be poisoned: parameters of 1e8 whose next loss or gradient
-        overflows, so that even a resume with a sane learning rate fails at once. This costs one
-        small device-to-host transfer per checkpoint."""
-        for m in jax.device_get(step_metrics):
-            loss = float(self.layout.one_copy(m)["loss_sum"])
-            if not math.isfinite(loss):
-                raise NonFiniteLoss(self._non_finite(f"the loss became {loss}", step))
-        if not bool(_all_finite(state)):
-            raise NonFiniteLoss(self._non_finite("the parameters or optimizer moments became NaN or inf", step))
+    def _hooks(self) -> LoopHooks:
+        def evaluate(step: int, state) -> dict[str, float]:
+            metrics = self.evaluate(state.params, self.train_config.eval_batches, replicated=True)
+            self.metrics.write(step, "validation", **metrics)
+            return metrics
+
+        def save(step: int, state) -> str:
+            self.save(state, step)
+            return self.checkpoints.directory
+
+        return LoopHooks(log=lambda step, metrics: self.metrics.write(step, "train", **metrics), evaluate=evaluate,
+                         save=save, non_finite=lambda what, step: NonFiniteLoss(self._non_finite(what, step)),
+                         one_copy=self.layout.one_copy, learning_rate=self._learning_rate)
 
     def _non_finite(self, what: str, step: int) -> str:
         """The message of a NaN/inf at `step`. It came from the state of step - 1: a checkpoint of

@@ -1,4 +1,5 @@
-"""The training recipe (§5) as one frozen config, with the presets of train.py's --config."""
+"""The training recipe (§5) as one frozen config, with the presets of train.py's --config, and the
+training loop's config (how long, how often to log, evaluate, checkpoint)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,23 @@ from transformer.config import ConfigError
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 TOKENIZER_TYPES = ("bpe", "unigram")
 
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """How long to train and how often to log, evaluate and checkpoint (all counted in updates)."""
+
+    num_steps: int
+    grad_accum_steps: int = 1
+    log_every: int = 100
+    eval_every: int = 1000
+    checkpoint_every: int = 1000
+    throughput: tuple[str, ...] = ("tokens", "src_tokens")  # the summed counts behind tokens_per_s
+
+    def __post_init__(self):
+        for name in ("num_steps", "grad_accum_steps", "log_every", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +102,14 @@ class TrainConfig:
             raise ConfigError(f"rng_impl must be one of {', '.join(RNG_IMPLS)}; got {self.rng_impl!r}")
         if self.src_lang == self.tgt_lang:
             raise ConfigError(f"src_lang and tgt_lang are both {self.src_lang!r}: choose two languages")
+
+
+    @property
+    def loop(self) -> LoopConfig:
+        """The training loop's share of the recipe."""
+        return LoopConfig(num_steps=self.num_train_steps, grad_accum_steps=self.grad_accum_steps,
+                          log_every=self.log_every, eval_every=self.eval_every,
+                          checkpoint_every=self.checkpoint_every)
 
 
 # Training defaults that go with each model preset of train.py's --config.
