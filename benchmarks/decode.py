@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Decoding speed: generated tokens per second for greedy (with and without the KV cache) and beam 4
-(with the cache), at a few output lengths. Prints a table and writes JSON.
+"""Decoding speed: generated tokens per second for greedy and beam 4, with and without the KV
+cache, at a few batch sizes and output lengths. Prints a table and writes JSON.
 
-    python benchmarks/decode.py [--config tiny|base|big] [--batch 32] [--lengths 16 32 64] [--out FILE]
+    python benchmarks/decode.py [--config tiny|base|big] [--batch 16 64] [--lengths 16 32 64]
+                                [--methods greedy greedy_no_cache beam4 beam4_no_cache] [--out FILE]
 
 The model is randomly initialised and EOS is never chosen (its logit is masked off by forcing the
 output length), so every sequence runs to the requested length: timings measure the decoder, not
@@ -12,6 +13,7 @@ when an untrained model happens to stop.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -20,6 +22,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+METHODS = {  # key: (name, beam size, KV cache)
+    "greedy": ("greedy (cache)", 1, True),
+    "greedy_no_cache": ("greedy (no cache)", 1, False),
+    "beam4_no_cache": ("beam 4 (no cache)", 4, False),
+    "beam4": ("beam 4 (cache)", 4, True),
+}
 
 
 def main():
@@ -39,7 +48,8 @@ def main():
     parser.add_argument("--d_ff", type=int, default=None)
     parser.add_argument("--h", type=int, default=None)
     parser.add_argument("--N", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, nargs="+", default=[16])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--src_len", type=int, default=16)
     parser.add_argument("--lengths", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--repeats", type=int, default=5)
@@ -54,20 +64,19 @@ def main():
     # outputs run to the length limit; the measured lengths are checked and reported below.
     E = model.src_embed.token_embedding.embedding
     E[...] = E[...].at[EOS_ID].set(0.0)
-    src = jnp.asarray(np.random.default_rng(0).integers(4, args.vocab_size, (args.batch, args.src_len)), jnp.int32)
-    src = src.at[:, -1].set(EOS_ID)
     ids = dict(bos_id=BOS_ID, eos_id=EOS_ID)
-    methods = {
-        "greedy (cache)": lambda n: greedy_decode(model, src, n - args.src_len, **ids)[0],
-        "greedy (no cache)": lambda n: greedy_decode(model, src, n - args.src_len, use_cache=False, **ids)[0],
-        "beam 4 (no cache)": lambda n: beam_search(model, src, 4, 0.6, n - args.src_len, use_cache=False, **ids)[0],
-        "beam 4 (cache)": lambda n: beam_search(model, src, 4, 0.6, n - args.src_len, **ids)[0],
-    }
     rows = []
-    for length in args.lengths:
+    for batch, length in itertools.product(args.batch, args.lengths):
         if length <= args.src_len:
             continue
-        for name, fn in methods.items():
+        src = jnp.asarray(np.random.default_rng(0).integers(4, args.vocab_size, (batch, args.src_len)), jnp.int32)
+        src = src.at[:, -1].set(EOS_ID)
+        for key in args.methods:
+            name, beam, use_cache = METHODS[key]
+            if beam == 1:
+                fn = lambda n: greedy_decode(model, src, n - args.src_len, use_cache=use_cache, **ids)[0]  # noqa: E731
+            else:
+                fn = lambda n: beam_search(model, src, beam, 0.6, n - args.src_len, use_cache=use_cache, **ids)[0]  # noqa: E731
             start = time.perf_counter()
             out = np.asarray(jax.block_until_ready(fn(length)))
             compile_s = time.perf_counter() - start
@@ -79,10 +88,10 @@ def main():
                 jax.block_until_ready(fn(length))
                 times.append(time.perf_counter() - start)
             median = statistics.median(times)
-            tokens = args.batch * generated  # output tokens of the best hypotheses, EOS included
-            rows.append({"method": name, "output_len": length, "batch": args.batch, "median_s": median, "mean_output_len": generated,
+            tokens = batch * generated  # output tokens of the best hypotheses, EOS included
+            rows.append({"method": name, "output_len": length, "batch": batch, "median_s": median, "mean_output_len": generated,
                          "first_call_s": compile_s, "tokens_per_s": tokens / median})
-            print(f"  {name:18s} length {length:4d} (generated {generated:.1f}): {median:.4f} s, "
+            print(f"  {name:18s} batch {batch:4d} length {length:4d} (generated {generated:.1f}): {median:.4f} s, "
                   f"{tokens / median:.0f} tokens/s", flush=True)
     device = jax.devices()[0]
     meta = {"device": device.device_kind if device.device_kind == device.platform else f"{device.platform} {device.device_kind}", "host": platform.processor() or platform.machine(),
@@ -90,12 +99,13 @@ def main():
             "dtype": args.dtype, "src_len": args.src_len, "date": time.strftime("%Y-%m-%d"),
             "command": "python " + " ".join(sys.argv)}
     print(f"# {meta['date']}: {meta['command']}")
-    print(f"# decoding, {meta['device']}, {args.config} (d_model {config.d_model}, N {config.N}), batch {args.batch}, "
+    print(f"# decoding, {meta['device']}, {args.config} (d_model {config.d_model}, N {config.N}), "
           f"source length {args.src_len}, {args.dtype}")
-    print("| method | length limit | mean output length | median s | output tokens/s |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| method | batch | length limit | mean output length | median s | output tokens/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['method']} | {r['output_len']} | {r['mean_output_len']:.1f} | {r['median_s']:.4f} | {r['tokens_per_s']:.0f} |")
+        print(f"| {r['method']} | {r['batch']} | {r['output_len']} | {r['mean_output_len']:.1f} | {r['median_s']:.4f} "
+              f"| {r['tokens_per_s']:.0f} |")
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
 

@@ -3,19 +3,24 @@
 
     python benchmarks/train_step.py                      # CPU default: the small config, 4k tokens
     python benchmarks/train_step.py --presets base big --batch_shapes 25000x64 --dtypes bfloat16 \\
-        --attention reference xla cudnn --baselines flax torch  # on a GPU
+        --attention reference xla cudnn --baselines flax torch --bucketed 25000  # on a GPU
     python benchmarks/train_step.py --devices all --parallel pmap mesh --mesh data=-1 --baselines  # pmap vs jit on a mesh
 
-For each case: compile time apart; the median of --steps step times after --warmup steps, each
-step bracketed by block_until_ready; tokens/s counts source + target tokens (the synthetic batches
-have no padding); model FLOPs per step from transformer.models.flops (README.md of this folder); MFU
-against the device's peak for the dtype (or --peak_tflops); peak device memory where the backend
-reports it. Writes JSON (--out) and a PNG bar chart beside it.
+For each case: compile time apart (this library's step is compiled ahead of time, and XLA's memory
+analysis of the compiled step gives its bytes per device); the median of --steps step times after
+--warmup steps, each step bracketed by block_until_ready; tokens/s counts source + target tokens
+(the synthetic batches have no padding); model FLOPs per step from transformer.models.flops
+(README.md of this folder); MFU against the device's peak for the dtype (or --peak_tflops).
+Writes JSON (--out) and a PNG bar chart beside it.
 
---parallel picks how this library's step uses the devices of --devices: "pmap" (plain `jax.jit` on
-one device, `jax.pmap` over several, every device a full copy of the state) or "mesh" (`jax.jit`
-over a `jax.sharding.Mesh` of those devices shaped by --mesh, the state sharded as
-transformer/parallel/rules.py declares). Both may be given; the baselines always run on one device.
+--parallel picks how this library's step uses the devices of --devices: "jit" (`jax.jit` on one
+device), "pmap" (`jax.pmap`, every device a full copy of the state; also on one device) or "mesh"
+(`jax.jit` over a `jax.sharding.Mesh` of those devices shaped by --mesh, the state sharded as
+transformer/parallel/rules.py declares). Several may be given; the baselines always run on one device.
+
+--bucketed TOKENS adds a pass of length-bucketed batches, made as train.py makes them
+(`data.BatchPlan` over synthetic sentence lengths), estimated from its most frequent shapes
+(`bench_bucketed` says how).
 """
 
 from __future__ import annotations
@@ -55,6 +60,23 @@ def synthetic_batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict[s
     return {"src": tokens(), "tgt_in": tokens(), "tgt_out": tokens()}
 
 
+def bucketed_plan(tokens: int, max_length: int, vocab: int, multiple: int, pairs: int = 40_000, seed: int = 0):
+    """Synthetic sentence pairs batched as train.py batches them (`data.BatchPlan`: buckets of 8
+    tokens, about `tokens` tokens per side per batch, rows a multiple of `multiple`). Lengths: source
+    log-normal with median 24 tokens (a BPE-tokenised WMT sentence has about 25–30), target the
+    source's times a log-normal factor, both with EOS and cut at max_length - 1. Returns the plan
+    and its epoch's batch plans (length, rows, members)."""
+    from transformer.data import BatchPlan, Examples
+
+    rng = np.random.default_rng(seed)
+    src_len = np.clip(np.round(rng.lognormal(np.log(24), 0.55, pairs)), 2, max_length - 1).astype(int)
+    tgt_len = np.clip(np.round(src_len * rng.lognormal(0.0, 0.15, pairs)), 2, max_length - 1).astype(int)
+    ids = lambda n: rng.integers(4, vocab, n).astype(np.int32)  # noqa: E731
+    examples = Examples([ids(n) for n in src_len], [ids(n) for n in tgt_len], pad_id=0, bos_id=2)
+    plan = BatchPlan(examples, tokens, max_length, multiple, seed=seed)
+    return plan, plan.epoch(0)
+
+
 def timed(fn, warmup: int, steps: int):
     """(first call seconds, median seconds of `steps` calls after `warmup`)."""
     start = time.perf_counter()
@@ -70,7 +92,16 @@ def timed(fn, warmup: int, steps: int):
     return first, statistics.median(times)
 
 
+@dataclasses.dataclass
+class Timing:
+    compile_s: float  # this library: lowering + compiling the step; baselines: the first call
+    step_s: float  # median of the timed steps
+    forward_s: float | None = None  # median forward pass to logits (no loss)
+    step_memory_gib: float | None = None  # per device: XLA's analysis of the compiled step, or torch's peak
+
+
 def peak_memory(device) -> float | None:
+    """The allocator's peak so far in this process (all cases run in it until now), GiB."""
     try:
         stats = device.memory_stats()
     except Exception:  # not every backend reports memory
@@ -78,44 +109,40 @@ def peak_memory(device) -> float | None:
     return stats.get("peak_bytes_in_use") / 2**30 if stats and "peak_bytes_in_use" in stats else None
 
 
-def bench_ours(config, rows, length, devices, rng_impl, warmup, steps, mesh_spec=None):
-    """Step and forward timings of this library: pmap/jit over `devices`, or, with `mesh_spec`, jit
-    over a mesh of them."""
-    train_config = TrainConfig(rng_impl=rng_impl)
+def compile_ahead(train, state, batch):
+    """(compiled step, seconds, GiB per device): XLA's memory analysis of the compiled step, peak =
+    arguments + outputs - aliased (the donated state) + temporaries, as benchmarks/memory.py."""
+    start = time.perf_counter()
+    compiled = train.lower(state, batch).compile()
+    seconds = time.perf_counter() - start
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # a backend without the analysis
+        stats = None
+    gib = None if stats is None else (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                                      - stats.alias_size_in_bytes + stats.temp_size_in_bytes) / 2**30
+    return compiled, seconds, gib
+
+
+def prepare_ours(config, devices, train_config, parallel, mesh_spec=None):
+    """This library's step on `devices`: parallel "jit" (one device), "pmap" (`jax.pmap`, also on
+    one device) or "mesh" (`jax.jit` over a mesh shaped by `mesh_spec`, the state sharded as
+    transformer/parallel/rules.py declares). Returns (train, state, place(batch), forward)."""
+    from flax import nnx
+
     graphdef, state, tx = create_train_state(config, train_config)
-    if mesh_spec is not None:
-        return bench_ours_mesh(config, rows, length, devices, train_config, graphdef, state, tx, mesh_spec,
-                               warmup, steps)
-    train, _ = compile_steps(graphdef, tx, config, train_config, len(devices))
-    batch = synthetic_batch(rows, length, config.vocab_size)
-    if len(devices) > 1:
+    logits = lambda p, b: nnx.merge(graphdef, p)(b["src"], b["tgt_in"])  # noqa: E731
+    if parallel == "jit":
+        if len(devices) != 1:
+            raise ConfigError(f"--parallel jit runs on one device, not {len(devices)}")
+        train, _ = compile_steps(graphdef, tx, config, train_config, 1)
+        return train, jax.device_put(state, devices[0]), lambda b: jax.device_put(b, devices[0]), jax.jit(logits)
+    if parallel == "pmap":
         from transformer.parallel.devices import put_on_devices, replicate_on_devices, shard_for_devices
 
-        state = replicate_on_devices(state, devices)
-        batch = put_on_devices(shard_for_devices(batch, len(devices)), devices)
-    else:
-        batch = jax.device_put(batch, devices[0])
-    holder = {"state": state}
-
-    def step():
-        holder["state"], metrics = train(holder["state"], batch)
-        return metrics
-
-    first, median = timed(step, warmup, steps)
-    # Inference: the model's forward pass to logits, as for the baselines (no loss).
-    from flax import nnx
-
-    params = holder["state"].params
-    forward = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b["src"], b["tgt_in"]))
-    if len(devices) > 1:
-        forward = jax.pmap(lambda p, b: nnx.merge(graphdef, p)(b["src"], b["tgt_in"]))
-    _, forward_median = timed(lambda: forward(params, batch), warmup, steps)
-    return first, median, forward_median
-
-
-def bench_ours_mesh(config, rows, length, devices, train_config, graphdef, state, tx, mesh_spec, warmup, steps):
-    from flax import nnx
-
+        train, _ = compile_steps(graphdef, tx, config, train_config, len(devices), pmap=True)
+        return (train, replicate_on_devices(state, devices),
+                lambda b: put_on_devices(shard_for_devices(b, len(devices)), devices), jax.pmap(logits))
     from transformer.parallel.mesh import ParallelConfig, check_model_fits, make_mesh
     from transformer.parallel.rules import batch_sharding, place, replicated, state_shardings
     from transformer.training import compile_mesh_steps
@@ -124,18 +151,31 @@ def bench_ours_mesh(config, rows, length, devices, train_config, graphdef, state
     check_model_fits(config, mesh)
     shardings = state_shardings(state, mesh)
     train, _ = compile_mesh_steps(graphdef, tx, config, train_config, shardings, batch_sharding(mesh), replicated(mesh))
-    holder = {"state": place(state, shardings)}
-    batch = place(synthetic_batch(rows, length, config.vocab_size), batch_sharding(mesh))
+    forward = jax.jit(logits, in_shardings=(shardings.params, batch_sharding(mesh)))
+    return train, place(state, shardings), lambda b: place(b, batch_sharding(mesh)), forward
 
-    def step():
-        holder["state"], metrics = train(holder["state"], batch)
-        return metrics
 
-    first, median = timed(step, warmup, steps)
-    forward = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b["src"], b["tgt_in"]),
-                      in_shardings=(shardings.params, batch_sharding(mesh)))
-    _, forward_median = timed(lambda: forward(holder["state"].params, batch), warmup, steps)
-    return first, median, forward_median
+def bench_ours(config, batches, devices, rng_impl, warmup, steps, parallel, mesh_spec=None, forward=True):
+    """A Timing per batch in `batches` (one shape each, compiled ahead of time), the state carried
+    from one to the next; the forward pass is timed on the first batch only when `forward`."""
+    train, state, place_batch, forward_fn = prepare_ours(config, devices, TrainConfig(rng_impl=rng_impl), parallel,
+                                                         mesh_spec)
+    holder = {"state": state}
+    timings = []
+    for batch in batches:
+        batch = place_batch(batch)
+        compiled, compile_s, gib = compile_ahead(train, holder["state"], batch)
+
+        def step():
+            holder["state"], metrics = compiled(holder["state"], batch)
+            return metrics
+
+        _, median = timed(step, warmup, steps)
+        forward_median = None
+        if forward and not timings:
+            _, forward_median = timed(lambda: forward_fn(holder["state"].params, batch), warmup, steps)
+        timings.append(Timing(compile_s, median, forward_median, gib))
+    return timings
 
 
 def mesh_label(spec: str, n_devices: int) -> str:
@@ -153,7 +193,7 @@ def bench_flax_stock(config, rows, length, warmup, steps):
     batch = jax.device_put(synthetic_batch(rows, length, config.vocab_size))
     first, median = timed(lambda: train_step(model, optimizer, batch), warmup, steps)
     _, forward_median = timed(lambda: forward_step(model, batch), warmup, steps)
-    return first, median, forward_median
+    return Timing(first, median, forward_median)
 
 
 def bench_torch(config, rows, length, compile, warmup, steps):
@@ -166,7 +206,10 @@ def bench_torch(config, rows, length, compile, warmup, steps):
 
     train_step, forward_step = made
     batch = synthetic_batch(rows, length, config.vocab_size)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
 
     def run(fn):
         def call():
@@ -176,25 +219,33 @@ def bench_torch(config, rows, length, compile, warmup, steps):
         return call
 
     first, median = timed(run(train_step), warmup, steps)
+    memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     _, forward_median = timed(run(forward_step), warmup, steps)
-    return first, median, forward_median
+    return Timing(first, median, forward_median, memory)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=["small"], choices=list(PRESETS))
-    parser.add_argument("--batch_shapes", nargs="+", default=["4096x32"],
-                        help="TOKENSxLENGTH: tokens per side per batch and sentence length")
+    parser.add_argument("--batch_shapes", nargs="*", default=["4096x32"],
+                        help="TOKENSxLENGTH: tokens per side per batch and sentence length (none: only --bucketed)")
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     parser.add_argument("--attention", nargs="+", default=["reference"], choices=list(ATTENTION_IMPLS),
                         help="attention_impl values; 'auto' is reported with what it resolved to")
     parser.add_argument("--devices", nargs="+", default=["1"], choices=["1", "all"])
-    parser.add_argument("--parallel", nargs="+", default=["pmap"], choices=["pmap", "mesh"],
-                        help="this library's step: pmap (jit on one device) and/or jit over a mesh")
+    parser.add_argument("--parallel", nargs="+", default=["jit"], choices=["jit", "pmap", "mesh"],
+                        help="this library's step: jit (one device), pmap (also on one device), jit over a mesh")
     parser.add_argument("--mesh", default="data=-1",
                         help="mesh axis sizes for --parallel mesh, e.g. data=8 or data=2,fsdp=4 (-1: what is left)")
     parser.add_argument("--rng_impl", default="rbg", help="dropout random numbers for this library's step")
     parser.add_argument("--baselines", nargs="*", default=["flax", "torch"], choices=["flax", "torch"])
+    parser.add_argument("--bucketed", type=int, default=0, metavar="TOKENS",
+                        help="also time a pass of length-bucketed batches of TOKENS per side, as train.py batches "
+                             "them (this library, one device, jit, --bucketed_attention)")
+    parser.add_argument("--bucketed_max_length", type=int, default=128)
+    parser.add_argument("--bucketed_shapes", type=int, default=6,
+                        help="time the most frequent batch shapes of the pass, at most this many")
+    parser.add_argument("--bucketed_attention", default="auto", choices=list(ATTENTION_IMPLS))
     parser.add_argument("--dropout_rate", type=float, default=None, help="default: the preset's")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
@@ -205,38 +256,32 @@ def main():
     device = jax.local_devices()[0]
     rows_out = []
     for preset in args.presets:
-        for shape in args.batch_shapes:
-            tokens, length = (int(x) for x in shape.lower().split("x"))
-            for dtype in args.dtypes:
-                overrides = {"dtype": dtype, "max_len": max(length, 1024)}
-                if args.dropout_rate is not None:
-                    overrides["dropout_rate"] = args.dropout_rate
-                base_config = PRESETS[preset](**overrides)
-                peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device.device_kind, dtype)
+        for dtype in args.dtypes:
+            peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device.device_kind, dtype)
+            for shape in args.batch_shapes:
+                tokens, length = (int(x) for x in shape.lower().split("x"))
+                base_config = make_config(preset, dtype, length, args.dropout_rate)
 
-                def record(impl, devices_used, rows, result, parallel="pmap", mesh=None):
-                    if result is None:
+                def record(impl, devices_used, rows, timing, parallel="jit", mesh=None):
+                    if timing is None:
                         return
-                    first, median, forward_median = result
                     flops = train_flops(base_config, rows, length, length)
                     row = {
                         "preset": preset, "tokens_per_batch": tokens, "length": length, "rows": rows, "dtype": dtype,
                         "impl": impl, "devices": devices_used, "parallel": parallel, "mesh": mesh,
-                        "compile_s": round(first, 3),
-                        "step_s": median, "tokens_per_s": 2 * rows * length / median,
-                        "forward_tokens_per_s": 2 * rows * length / forward_median,
+                        "compile_s": round(timing.compile_s, 3),
+                        "step_s": timing.step_s, "tokens_per_s": 2 * rows * length / timing.step_s,
+                        "forward_tokens_per_s": 2 * rows * length / timing.forward_s,
                         "train_flops_per_step": flops,
-                        "tflops_per_s": flops / median / 1e12,
-                        "mfu": (flops / median / (peak * devices_used)) if peak else None,
-                        "forward_mfu": (forward_flops(base_config, rows, length, length) / forward_median
+                        "tflops_per_s": flops / timing.step_s / 1e12,
+                        "mfu": (flops / timing.step_s / (peak * devices_used)) if peak else None,
+                        "forward_mfu": (forward_flops(base_config, rows, length, length) / timing.forward_s
                                         / (peak * devices_used)) if peak else None,
+                        "step_memory_gib": timing.step_memory_gib,
                         "peak_memory_gib": peak_memory(device),
                     }
                     rows_out.append(row)
-                    mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
-                    print(f"{preset:5s} {shape:>10s} {dtype:8s} {impl:28s} dev={devices_used} "
-                          f"step {median * 1e3:8.1f} ms  {row['tokens_per_s']:10.0f} tok/s  "
-                          f"fwd {row['forward_tokens_per_s']:10.0f} tok/s  MFU {mfu}  compile {first:.1f} s", flush=True)
+                    print_row(row, shape)
 
                 for attention in args.attention:
                     try:
@@ -252,20 +297,19 @@ def main():
                         if devices_arg == "all" and len(devices) == 1 and "1" in args.devices:
                             continue  # "all" is the one device already measured
                         rows = max(tokens // length // len(devices), 1) * len(devices)
+                        batch = synthetic_batch(rows, length, config.vocab_size)
                         for parallel in args.parallel:
-                            if parallel == "pmap":
-                                record(f"ours ({attention})", len(devices), rows,
-                                       bench_ours(config, rows, length, devices, args.rng_impl, args.warmup,
-                                                  args.steps))
-                                continue
+                            if parallel == "jit" and len(devices) > 1:
+                                continue  # jit is the one-device case; several devices take pmap or mesh
+                            label = mesh_label(args.mesh, len(devices)) if parallel == "mesh" else None
+                            name = f"ours ({attention}" + (f", mesh {label})" if label else f", {parallel})")
                             try:
-                                label = mesh_label(args.mesh, len(devices))
-                                result = bench_ours(config, rows, length, devices, args.rng_impl, args.warmup,
-                                                    args.steps, mesh_spec=args.mesh)
+                                [timing] = bench_ours(config, [batch], devices, args.rng_impl, args.warmup, args.steps,
+                                                      parallel, args.mesh)
                             except ConfigError as err:  # a mesh these devices or this model cannot take
-                                print(f"ours ({attention}, mesh {args.mesh}, {len(devices)} devices): skipped ({err})")
+                                print(f"{name}, {len(devices)} devices: skipped ({err})")
                                 continue
-                            record(f"ours ({attention}, mesh {label})", len(devices), rows, result, "mesh", label)
+                            record(name, len(devices), rows, timing, parallel, label)
                 rows = max(tokens // length, 1)
                 if "flax" in args.baselines:
                     record("flax stock nnx", 1, rows, bench_flax_stock(base_config, rows, length, args.warmup, args.steps))
@@ -276,10 +320,14 @@ def main():
                             record(name, 1, rows, bench_torch(base_config, rows, length, compile, args.warmup, args.steps))
                         except Exception as err:  # a torch.compile that fails here is reported, not fatal
                             print(f"{name}: failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+            if args.bucketed:
+                row = bench_bucketed(preset, dtype, args, peak, device)
+                if row is not None:
+                    rows_out.append(row)
 
     ratios = []
     for row in rows_out:
-        if row["impl"].startswith("ours") and row["devices"] == 1 and row["parallel"] == "pmap":
+        if row["impl"].startswith("ours") and row["devices"] == 1 and row["parallel"] == "jit" and row["length"]:
             for other in rows_out:
                 same = all(other[k] == row[k] for k in ("preset", "tokens_per_batch", "length", "dtype"))
                 if same and not other["impl"].startswith("ours"):
@@ -296,6 +344,71 @@ def main():
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows_out, "ratios": ratios}, f, indent=2)
     chart(rows_out, args.out.rsplit(".", 1)[0] + ".png", meta)
+
+
+def make_config(preset: str, dtype: str, length: int, dropout_rate: float | None) -> TransformerConfig:
+    overrides = {"dtype": dtype, "max_len": max(length, 1024)}
+    if dropout_rate is not None:
+        overrides["dropout_rate"] = dropout_rate
+    return PRESETS[preset](**overrides)
+
+
+def print_row(row: dict, shape: str) -> None:
+    mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+    forward = f"fwd {row['forward_tokens_per_s']:10.0f} tok/s  " if row.get("forward_tokens_per_s") else ""
+    print(f"{row['preset']:5s} {shape:>10s} {row['dtype']:8s} {row['impl']:28s} dev={row['devices']} "
+          f"step {row['step_s'] * 1e3:8.1f} ms  {row['tokens_per_s']:10.0f} tok/s  {forward}MFU {mfu}  "
+          f"compile {row['compile_s']:.1f} s", flush=True)
+
+
+def bench_bucketed(preset, dtype, args, peak, device) -> dict | None:
+    """One epoch of length-bucketed batches (`bucketed_plan`), estimated from the most frequent
+    shapes: each is compiled and timed; the pass's time is the sum over its batches of their shape's
+    median step, over the batches whose shape was timed (the row says which share that is).
+    tokens/s counts real (non-padding) source + target tokens; MFU counts the FLOPs of the padded
+    shapes, which is what the device computes."""
+    config = make_config(preset, dtype, args.bucketed_max_length, args.dropout_rate)
+    try:
+        config = dataclasses.replace(config, attention_impl=args.bucketed_attention)
+        resolved = resolve_attention_impl(config)
+    except ConfigError as err:
+        print(f"bucketed ({args.bucketed_attention}): skipped ({err})")
+        return None
+    plan, plans = bucketed_plan(args.bucketed, args.bucketed_max_length, config.vocab_size, 1)
+    frequency: dict[tuple[int, int], int] = {}
+    for length, rows, _ in plans:
+        frequency[(length, rows)] = frequency.get((length, rows), 0) + 1
+    shapes = sorted(frequency, key=lambda s: -frequency[s])[: args.bucketed_shapes]
+    batches = [plan.collate(next(p for p in plans if (p[0], p[1]) == s)) for s in shapes]
+    timings = bench_ours(config, batches, jax.local_devices()[:1], args.rng_impl, args.warmup, args.steps, "jit",
+                         forward=False)
+    median = dict(zip(shapes, (t.step_s for t in timings)))
+    timed_plans = [p for p in plans if (p[0], p[1]) in median]
+    seconds = sum(median[(length, rows)] for length, rows, _ in timed_plans)
+    real = sum(len(plan.examples.src[i]) + len(plan.examples.tgt[i]) for _, _, members in timed_plans for i in members)
+    padded = sum(2 * length * rows for length, rows, _ in timed_plans)
+    flops = sum(train_flops(config, rows, length, length) for length, rows, _ in timed_plans)
+    impl = args.bucketed_attention if args.bucketed_attention != "auto" else f"auto: {resolved}"
+    row = {
+        "preset": preset, "tokens_per_batch": args.bucketed, "length": None, "rows": None, "dtype": dtype,
+        "impl": f"ours ({impl}, jit), bucketed", "devices": 1, "parallel": "jit", "mesh": None,
+        "bucketed": {"max_length": args.bucketed_max_length, "batches_in_pass": len(plans),
+                     "batches_timed": len(timed_plans),
+                     "shapes": [{"length": s[0], "rows": s[1], "batches": frequency[s], "step_s": median[s],
+                                 "compile_s": t.compile_s, "step_memory_gib": t.step_memory_gib}
+                                for s, t in zip(shapes, timings)],
+                     "padding_fraction": 1 - real / padded},
+        "compile_s": round(sum(t.compile_s for t in timings), 3),
+        "step_s": seconds / len(timed_plans), "tokens_per_s": real / seconds, "forward_tokens_per_s": None,
+        "train_flops_per_step": flops / len(timed_plans), "tflops_per_s": flops / seconds / 1e12,
+        "mfu": flops / seconds / peak if peak else None, "forward_mfu": None,
+        "step_memory_gib": max((t.step_memory_gib for t in timings if t.step_memory_gib is not None), default=None),
+        "peak_memory_gib": peak_memory(device),
+    }
+    print_row(row, "bucketed")
+    print(f"      {len(timed_plans)} of the pass's {len(plans)} batches have a timed shape "
+          f"(rows × length: {', '.join(f'{r}×{n}' for n, r in shapes)}); padding {row['bucketed']['padding_fraction']:.1%}", flush=True)
+    return row
 
 
 def chart(rows, path, meta):

@@ -107,11 +107,13 @@ def make_eval_step(graphdef: nnx.GraphDef, label_smoothing: float, pad_id: int, 
     return eval_step
 
 
-def compile_steps(graphdef, tx, model_config: TransformerConfig, train_config: TrainConfig, n_devices: int):
-    """jit for one device, pmap (gradients summed over AXIS) for several; the state is donated."""
+def compile_steps(graphdef, tx, model_config: TransformerConfig, train_config: TrainConfig, n_devices: int,
+                  pmap: bool = False):
+    """jit for one device, pmap (gradients summed over AXIS) for several, or with `pmap` also for one
+    (the benchmarks time pmap on a single GPU); the state is donated."""
     common = dict(label_smoothing=train_config.label_smoothing, pad_id=model_config.pad_id)
     step_options = dict(rng_impl=train_config.rng_impl, grad_accum_steps=train_config.grad_accum_steps)
-    if n_devices == 1:
+    if n_devices == 1 and not pmap:
         train = jax.jit(make_train_step(graphdef, tx, **step_options, **common), donate_argnums=0)
         evaluate = jax.jit(make_eval_step(graphdef, **common))
     else:
