@@ -65,7 +65,17 @@ def main():
     E = model.src_embed.token_embedding.embedding
     E[...] = E[...].at[EOS_ID].set(0.0)
     ids = dict(bos_id=BOS_ID, eos_id=EOS_ID)
-    rows = []
+    device = jax.devices()[0]
+    meta = {"device": device.device_kind if device.device_kind == device.platform else f"{device.platform} {device.device_kind}", "host": platform.processor() or platform.machine(),
+            "config": args.config, "d_model": config.d_model, "N": config.N, "vocab": args.vocab_size,
+            "dtype": args.dtype, "src_len": args.src_len, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+            "command": "python " + " ".join(sys.argv)}
+    rows, failures = [], []
+
+    def save():  # after every case, so that a run cut short keeps what it measured
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "failures": failures}, f, indent=2)
+
     for batch, length in itertools.product(args.batch, args.lengths):
         if length <= args.src_len:
             continue
@@ -77,27 +87,14 @@ def main():
                 fn = lambda n: greedy_decode(model, src, n - args.src_len, use_cache=use_cache, **ids)[0]  # noqa: E731
             else:
                 fn = lambda n: beam_search(model, src, beam, 0.6, n - args.src_len, use_cache=use_cache, **ids)[0]  # noqa: E731
-            start = time.perf_counter()
-            out = np.asarray(jax.block_until_ready(fn(length)))
-            compile_s = time.perf_counter() - start
-            out = out[:, 0] if out.ndim == 3 else out  # beams: the best hypothesis
-            generated = float(np.mean([(list(r).index(EOS_ID) + 1) if EOS_ID in r else len(r) for r in out]))
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                jax.block_until_ready(fn(length))
-                times.append(time.perf_counter() - start)
-            median = statistics.median(times)
-            tokens = batch * generated  # output tokens of the best hypotheses, EOS included
-            rows.append({"method": name, "output_len": length, "batch": batch, "median_s": median, "mean_output_len": generated,
-                         "first_call_s": compile_s, "tokens_per_s": tokens / median})
-            print(f"  {name:18s} batch {batch:4d} length {length:4d} (generated {generated:.1f}): {median:.4f} s, "
-                  f"{tokens / median:.0f} tokens/s", flush=True)
-    device = jax.devices()[0]
-    meta = {"device": device.device_kind if device.device_kind == device.platform else f"{device.platform} {device.device_kind}", "host": platform.processor() or platform.machine(),
-            "config": args.config, "d_model": config.d_model, "N": config.N, "vocab": args.vocab_size,
-            "dtype": args.dtype, "src_len": args.src_len, "date": time.strftime("%Y-%m-%d"),
-            "command": "python " + " ".join(sys.argv)}
+            try:
+                rows.append(measure(fn, name, batch, length, args.repeats))
+            except Exception as err:  # out of memory, a backend's failure: reported, and the other cases go on
+                lines = str(err).strip().splitlines()
+                failures.append({"case": f"{name}, batch {batch}, length {length}",
+                                 "error": f"{type(err).__name__}: {lines[0][:300] if lines else ''}"})
+                print(f"  {failures[-1]['case']}: FAILED ({failures[-1]['error']})", flush=True)
+            save()
     print(f"# {meta['date']}: {meta['command']}")
     print(f"# decoding, {meta['device']}, {args.config} (d_model {config.d_model}, N {config.N}), "
           f"source length {args.src_len}, {args.dtype}")
@@ -106,9 +103,33 @@ def main():
     for r in rows:
         print(f"| {r['method']} | {r['batch']} | {r['output_len']} | {r['mean_output_len']:.1f} | {r['median_s']:.4f} "
               f"| {r['tokens_per_s']:.0f} |")
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    save()
+    sys.exit(1 if failures else 0)
 
+
+def measure(fn, name: str, batch: int, length: int, repeats: int) -> dict:
+    """The first call (compilation included) apart, then the median of `repeats` calls."""
+    import jax
+    import numpy as np
+
+    from transformer.data.tokenizer import EOS_ID
+
+    start = time.perf_counter()
+    out = np.asarray(jax.block_until_ready(fn(length)))
+    compile_s = time.perf_counter() - start
+    out = out[:, 0] if out.ndim == 3 else out  # beams: the best hypothesis
+    generated = float(np.mean([(list(r).index(EOS_ID) + 1) if EOS_ID in r else len(r) for r in out]))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(length))
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    tokens = batch * generated  # output tokens of the best hypotheses, EOS included
+    print(f"  {name:18s} batch {batch:4d} length {length:4d} (generated {generated:.1f}): {median:.4f} s, "
+          f"{tokens / median:.0f} tokens/s", flush=True)
+    return {"method": name, "output_len": length, "batch": batch, "median_s": median, "mean_output_len": generated,
+            "first_call_s": compile_s, "tokens_per_s": tokens / median}
 
 if __name__ == "__main__":
     main()

@@ -218,9 +218,17 @@ def bench_torch(config, rows, length, compile, warmup, steps):
             return out
         return call
 
-    first, median = timed(run(train_step), warmup, steps)
-    memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    _, forward_median = timed(run(forward_step), warmup, steps)
+    try:
+        first, median = timed(run(train_step), warmup, steps)
+        memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        _, forward_median = timed(run(forward_step), warmup, steps)
+    finally:
+        del made, train_step, forward_step
+        if cuda:  # PyTorch's caching allocator would keep this memory from the cases after it
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
     return Timing(first, median, forward_median, memory)
 
 
@@ -254,10 +262,41 @@ def main():
     args = parser.parse_args()
 
     device = jax.local_devices()[0]
-    rows_out = []
+    meta = {"device": device.device_kind if device.device_kind == device.platform else f"{device.platform} {device.device_kind}", "device_count": jax.local_device_count(),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "jax": jax.__version__,
+            "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv)}
+    rows_out: list[dict] = []
+    failures: list[dict] = []  # cases that raised: reported, and the other cases go on
+
+    def save():
+        """The JSON after every case, so that a run cut short keeps what it measured."""
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows_out, "ratios": ratios(rows_out), "failures": failures}, f, indent=2)
+
+    def attempt(what: str, fn):
+        """fn(), or None: a case this device or model cannot take is skipped (ConfigError); any other
+        error (out of memory, a backend's failure) is reported and recorded."""
+        try:
+            return fn()
+        except ConfigError as err:
+            print(f"{what}: skipped ({err})", flush=True)
+        except Exception as err:
+            lines = str(err).strip().splitlines()
+            message = f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+            print(f"{what}: FAILED ({message})", flush=True)
+            failures.append({"case": what, "error": message})
+            save()
+        return None
+
     for preset in args.presets:
         for dtype in args.dtypes:
             peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device.device_kind, dtype)
+            if args.bucketed:  # first: the baselines' allocators keep what they reserved
+                row = attempt(f"{preset} {dtype} bucketed ({args.bucketed_attention})",
+                              lambda: bench_bucketed(preset, dtype, args, peak, device))
+                if row is not None:
+                    rows_out.append(row)
+                    save()
             for shape in args.batch_shapes:
                 tokens, length = (int(x) for x in shape.lower().split("x"))
                 base_config = make_config(preset, dtype, length, args.dropout_rate)
@@ -282,6 +321,7 @@ def main():
                     }
                     rows_out.append(row)
                     print_row(row, shape)
+                    save()
 
                 for attention in args.attention:
                     try:
@@ -303,47 +343,46 @@ def main():
                                 continue  # jit is the one-device case; several devices take pmap or mesh
                             label = mesh_label(args.mesh, len(devices)) if parallel == "mesh" else None
                             name = f"ours ({attention}" + (f", mesh {label})" if label else f", {parallel})")
-                            try:
-                                [timing] = bench_ours(config, [batch], devices, args.rng_impl, args.warmup, args.steps,
-                                                      parallel, args.mesh)
-                            except ConfigError as err:  # a mesh these devices or this model cannot take
-                                print(f"{name}, {len(devices)} devices: skipped ({err})")
-                                continue
-                            record(name, len(devices), rows, timing, parallel, label)
+                            timings = attempt(f"{preset} {shape} {dtype} {name}, {len(devices)} device(s)",
+                                              lambda: bench_ours(config, [batch], devices, args.rng_impl, args.warmup,
+                                                                 args.steps, parallel, args.mesh))
+                            if timings:
+                                record(name, len(devices), rows, timings[0], parallel, label)
                 rows = max(tokens // length, 1)
                 if "flax" in args.baselines:
-                    record("flax stock nnx", 1, rows, bench_flax_stock(base_config, rows, length, args.warmup, args.steps))
+                    record("flax stock nnx", 1, rows, attempt(f"{preset} {shape} {dtype} flax stock nnx",
+                                                              lambda: bench_flax_stock(base_config, rows, length,
+                                                                                       args.warmup, args.steps)))
                 if "torch" in args.baselines and not (dtype == "bfloat16" and jax.default_backend() == "cpu"):
                     for compile in (False, True):
                         name = "torch nn.Transformer" + (" compile" if compile else " eager")
-                        try:
-                            record(name, 1, rows, bench_torch(base_config, rows, length, compile, args.warmup, args.steps))
-                        except Exception as err:  # a torch.compile that fails here is reported, not fatal
-                            print(f"{name}: failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
-            if args.bucketed:
-                row = bench_bucketed(preset, dtype, args, peak, device)
-                if row is not None:
-                    rows_out.append(row)
+                        record(name, 1, rows, attempt(f"{preset} {shape} {dtype} {name}",
+                                                      lambda: bench_torch(base_config, rows, length, compile,
+                                                                          args.warmup, args.steps)))
 
-    ratios = []
-    for row in rows_out:
-        if row["impl"].startswith("ours") and row["devices"] == 1 and row["parallel"] == "jit" and row["length"]:
-            for other in rows_out:
-                same = all(other[k] == row[k] for k in ("preset", "tokens_per_batch", "length", "dtype"))
-                if same and not other["impl"].startswith("ours"):
-                    ratios.append({"ours": row["impl"], "vs": other["impl"], "preset": row["preset"], "dtype": row["dtype"],
-                                   "shape": f"{row['tokens_per_batch']}x{row['length']}",
-                                   "train_ratio": row["tokens_per_s"] / other["tokens_per_s"],
-                                   "forward_ratio": row["forward_tokens_per_s"] / other["forward_tokens_per_s"]})
-    for r in ratios:
+    save()
+    for r in ratios(rows_out):
         print(f"{r['preset']} {r['shape']} {r['dtype']}: {r['ours']} / {r['vs']} = {r['train_ratio']:.2f}x train, "
               f"{r['forward_ratio']:.2f}x forward")
-    meta = {"device": device.device_kind if device.device_kind == device.platform else f"{device.platform} {device.device_kind}", "device_count": jax.local_device_count(),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "jax": jax.__version__,
-            "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv)}
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows_out, "ratios": ratios}, f, indent=2)
+    if failures:
+        print(f"{len(failures)} case(s) failed: " + "; ".join(f["case"] for f in failures))
     chart(rows_out, args.out.rsplit(".", 1)[0] + ".png", meta)
+    sys.exit(1 if failures else 0)
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """This library on one device under jit against each baseline on the same batch."""
+    out = []
+    for row in rows:
+        if row["impl"].startswith("ours") and row["devices"] == 1 and row["parallel"] == "jit" and row["length"]:
+            for other in rows:
+                same = all(other[k] == row[k] for k in ("preset", "tokens_per_batch", "length", "dtype"))
+                if same and not other["impl"].startswith("ours"):
+                    out.append({"ours": row["impl"], "vs": other["impl"], "preset": row["preset"], "dtype": row["dtype"],
+                                "shape": f"{row['tokens_per_batch']}x{row['length']}",
+                                "train_ratio": row["tokens_per_s"] / other["tokens_per_s"],
+                                "forward_ratio": row["forward_tokens_per_s"] / other["forward_tokens_per_s"]})
+    return out
 
 
 def make_config(preset: str, dtype: str, length: int, dropout_rate: float | None) -> TransformerConfig:
@@ -397,7 +436,10 @@ def bench_bucketed(preset, dtype, args, peak, device) -> dict | None:
                      "shapes": [{"length": s[0], "rows": s[1], "batches": frequency[s], "step_s": median[s],
                                  "compile_s": t.compile_s, "step_memory_gib": t.step_memory_gib}
                                 for s, t in zip(shapes, timings)],
-                     "padding_fraction": 1 - real / padded},
+                     "padding_fraction": 1 - real / padded,  # of the timed batches
+                     "pass_padding_fraction": 1 - sum(len(plan.examples.src[i]) + len(plan.examples.tgt[i])
+                                                      for _, _, members in plans for i in members)
+                     / sum(2 * length * rows for length, rows, _ in plans)},
         "compile_s": round(sum(t.compile_s for t in timings), 3),
         "step_s": seconds / len(timed_plans), "tokens_per_s": real / seconds, "forward_tokens_per_s": None,
         "train_flops_per_step": flops / len(timed_plans), "tflops_per_s": flops / seconds / 1e12,
@@ -407,7 +449,8 @@ def bench_bucketed(preset, dtype, args, peak, device) -> dict | None:
     }
     print_row(row, "bucketed")
     print(f"      {len(timed_plans)} of the pass's {len(plans)} batches have a timed shape "
-          f"(rows × length: {', '.join(f'{r}×{n}' for n, r in shapes)}); padding {row['bucketed']['padding_fraction']:.1%}", flush=True)
+          f"(rows × length: {', '.join(f'{r}×{n}' for n, r in shapes)}); padding {row['bucketed']['padding_fraction']:.1%} "
+          f"of the timed batches, {row['bucketed']['pass_padding_fraction']:.1%} of the pass", flush=True)
     return row
 
 
