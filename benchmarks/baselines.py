@@ -133,8 +133,10 @@ def torch_step(config, compile: bool, warmup_steps: int = 4000):
             causal = nn.Transformer.generate_square_subsequent_mask(tgt_in.shape[1], device=tgt_in.device, dtype=torch.bool)
             x = self.drop(self.embed(src) * math.sqrt(self.d) + self.pe[: src.shape[1]])
             y = self.drop(self.embed(tgt_in) * math.sqrt(self.d) + self.pe[: tgt_in.shape[1]])
+            # tgt_is_causal: said, not detected (detecting it reads the mask back, a graph break for torch.compile)
             out = self.transformer(x, y, tgt_mask=causal, src_key_padding_mask=src == 0,
-                                   tgt_key_padding_mask=tgt_in == 0, memory_key_padding_mask=src == 0)
+                                   tgt_key_padding_mask=tgt_in == 0, memory_key_padding_mask=src == 0,
+                                   tgt_is_causal=True)
             return out @ self.embed.weight.T  # tied pre-softmax projection
 
     model = TorchTransformer().to(device)
