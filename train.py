@@ -4,6 +4,7 @@
     python train.py                      # embedded task (reverse letter strings), no download, minutes on a CPU
     python train.py --config base --dataset wmt14_translate/de-en     # the paper's base model
     python train.py --config base --dataset_dir ../shared/data/multi30k --src_lang de --tgt_lang en
+    python train.py --config B1 --dataset wmt14_translate/de-en         # a line of Table 3 (here d_k = 16)
 
 A run started again with the same --workdir resumes from its latest usable checkpoint. SIGTERM
 stops it cleanly at any time (exit code 0 once a checkpoint of the current step exists).
@@ -24,11 +25,12 @@ def build_parser():
     from transformer.config import TransformerConfig
     from transformer.parallel.distributed import DistributedConfig
     from transformer.parallel.mesh import ParallelConfig
-    from transformer.training import TrainConfig
+    from transformer.training import TRAIN_PRESETS, TrainConfig
 
     parser = OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="tiny", choices=["tiny", "base", "big"],
-                        help="model preset and its training defaults (default: tiny, the embedded demo)")
+    parser.add_argument("--config", default="tiny", choices=list(TRAIN_PRESETS), metavar="{tiny,base,big,A1,...,E1}",
+                        help="model preset and its training defaults: tiny (the embedded demo, default), base, big, "
+                             "or a line of the paper's Table 3 (A1-A4, B1-B2, C1-C7, D1-D4, E1)")
     parser.add_argument("--workdir", default=None, help="checkpoints, metrics and tokenizer (default: a new runs/<time>)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_dataclass_flags(parser, TransformerConfig, "model (TransformerConfig)", skip=("pad_id",))  # the tokenizer's

@@ -4,8 +4,12 @@
     python translate.py --workdir runs/X --input src.txt > out.txt
     python translate.py --workdir runs/X --input src.txt --reference ref.txt --average_last 5
     echo "Ein Hund läuft." | python translate.py --workdir runs/X
+    python translate.py --workdir runs/X --input src.txt --plot_attention attention.png --layer 5
 
-With --reference, sacreBLEU's corpus BLEU and signature are printed on standard error.
+With --reference, sacreBLEU's corpus BLEU and signature are printed on standard error. With
+--plot_attention, one sentence's attention maps (encoder self-attention, decoder self-attention,
+encoder-decoder attention; the paper's Figures 3-5) are drawn from one teacher-forced pass of the
+model over its translation.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ def main() -> int:
     parser.add_argument("--average_last", type=int, default=1, help="average the last K checkpoints (§6.1: 5 base, 20 big)")
     parser.add_argument("--step", type=int, default=None, help="use the checkpoint of this step (default: latest)")
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--plot_attention", default=None, metavar="FILE.png",
+                        help="draw the attention maps of one input line (--plot_line) into this PNG")
+    parser.add_argument("--plot_line", type=int, default=1, help="which input line to draw (default: 1, the first)")
+    parser.add_argument("--layer", type=int, default=None, help="layer to draw, 1 to N (default: N, the last)")
+    parser.add_argument("--head", type=int, default=None, help="head to draw, 1 to h (default: all, in a grid)")
     args = parser.parse_args()
     if args.average_last < 1 or args.batch_size < 1 or (args.beam_size is not None and args.beam_size < 1):
         raise UserError("--average_last, --batch_size and --beam_size must be positive")
@@ -36,6 +45,15 @@ def main() -> int:
         raise UserError(f"--alpha (the length penalty's exponent, §6.1) must be a number >= 0, got {args.alpha}")
     if args.max_extra is not None and args.max_extra < 0:
         raise UserError(f"--max_extra (output length limit = input length + max_extra) must be >= 0, got {args.max_extra}")
+
+    if args.plot_attention is not None:
+        if not args.plot_attention.lower().endswith(".png"):
+            raise UserError(f"--plot_attention {args.plot_attention!r} must name a .png file")
+        folder = os.path.dirname(os.path.abspath(args.plot_attention))
+        if not os.path.isdir(folder):
+            raise UserError(f"--plot_attention {args.plot_attention!r}: folder {folder!r} does not exist")
+    elif args.layer is not None or args.head is not None:
+        raise UserError("--layer and --head choose what --plot_attention draws: add --plot_attention FILE.png")
 
     from transformer.data import read_text_lines
 
@@ -50,6 +68,8 @@ def main() -> int:
         references = read_text_lines(args.reference)
         if len(references) != len(lines):
             raise UserError(f"--reference has {len(references)} lines but --input has {len(lines)}: they must pair up")
+    if args.plot_attention is not None and not 1 <= args.plot_line <= len(lines):
+        raise UserError(f"--plot_line {args.plot_line} is not a line of the input (it has {len(lines)})")
 
     from flax import nnx
 
@@ -64,6 +84,11 @@ def main() -> int:
     tokenizer = load_tokenizer(args.workdir)
     if tokenizer is None:
         raise UserError(f"no tokenizer in {args.workdir}: --workdir must be the folder of a train.py run")
+    layers, heads = model_config.N, model_config.h
+    if args.layer is not None and not 1 <= args.layer <= layers:
+        raise UserError(f"--layer {args.layer} is not a layer of this model: choose 1 to {layers}")
+    if args.head is not None and not 1 <= args.head <= heads:
+        raise UserError(f"--head {args.head} is not a head of this model: choose 1 to {heads}")
     graphdef, like, _ = create_train_state(model_config, train_config)
     try:
         state, used = load_params(args.workdir, like, args.average_last, args.step)
@@ -84,6 +109,22 @@ def main() -> int:
     if references is not None:
         score = corpus_bleu(hypotheses, references)
         print(f"BLEU {score.score:.2f}  {score.signature}", file=sys.stderr)
+    if args.plot_attention is not None:
+        from transformer.decoding.translate import translation_attention
+        from transformer.models.attention_maps import layer_maps, plot_attention
+
+        decoding = dict(beam_size=args.beam_size or train_config.beam_size,
+                        alpha=train_config.length_penalty if args.alpha is None else args.alpha,
+                        max_extra=train_config.max_decode_extra if args.max_extra is None else args.max_extra)
+        _, pieces, maps = translation_attention(model, tokenizer, lines[args.plot_line - 1], **decoding)
+        layer = layers if args.layer is None else args.layer
+        src, tgt = pieces["source"], pieces["target"]
+        plot_attention(layer_maps(maps, layer - 1),
+                       {"encoder": (src, src), "decoder": (tgt, tgt), "cross": (tgt, src)},
+                       args.plot_attention, heads=None if args.head is None else [args.head - 1],
+                       title=f"line {args.plot_line}, layer {layer} of {layers} (rows: queries; decoder rows: "
+                             "its input, the output shifted right)")
+        print(f"attention maps of line {args.plot_line}, layer {layer}: {args.plot_attention}", file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,8 @@
 """The Transformer of "Attention Is All You Need" (Vaswani et al., 2017) as Flax NNX modules."""
 
 from transformer.nn.attention import (
-    MultiHeadAttention, dot_product_attention, resolve_attention_impl, scaled_dot_product_attention,
+    MultiHeadAttention, attention_weights, dot_product_attention, record_attention_weights, resolve_attention_impl,
+    scaled_dot_product_attention,
 )
 from transformer.config import ConfigError, TransformerConfig
 from transformer.nn.embeddings import InputEmbedding, TokenEmbedding, sinusoidal_positional_encoding
@@ -13,7 +14,7 @@ from transformer.models.transformer import Transformer, TransformerClassifier, T
 __all__ = [
     "AttentionMask", "ConfigError", "Decoder", "DecoderLayer", "Encoder", "EncoderLayer", "InputEmbedding",
     "MultiHeadAttention", "PositionwiseFeedForward", "ResidualSublayer", "TokenEmbedding", "Transformer",
-    "TransformerClassifier", "TransformerConfig", "TransformerLM", "attention_masks", "causal_mask",
-    "count_parameters", "dot_product_attention", "padding_mask", "resolve_attention_impl",
+    "TransformerClassifier", "TransformerConfig", "TransformerLM", "attention_masks", "attention_weights", "causal_mask",
+    "count_parameters", "dot_product_attention", "padding_mask", "record_attention_weights", "resolve_attention_impl",
     "scaled_dot_product_attention", "segment_mask", "sinusoidal_positional_encoding",
 ]

@@ -1,7 +1,8 @@
 """The model's hyper-parameters: one frozen dataclass whose defaults are the paper's base model.
 
 Table 3 of the paper ("base"): N=6, d_model=512, d_ff=2048, h=8, d_k=d_v=64, P_drop=0.1.
-Variants are made with `dataclasses.replace` or the presets `base()`, `big()` and `tiny()`.
+Variants are made with `dataclasses.replace` or the presets `base()`, `big()`, `tiny()` and
+`table3(row, line)` (every model variation of Table 3, rows (A)-(E)).
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class TransformerConfig:
     d_ff: int = 2048
     h: int = 8
     N: int = 6
+    # §3.2.2: the size of each head's queries/keys (d_k) and values (d_v). None = d_model / h, the
+    # paper's choice for its base and big models (and it follows d_model and h under
+    # `dataclasses.replace`); Table 3 rows (A) and (B) set them apart from d_model / h.
+    d_k: int | None = dataclasses.field(default=None, metadata={"help": "per-head query/key size (default: d_model / h)"})
+    d_v: int | None = dataclasses.field(default=None, metadata={"help": "per-head value size (default: d_model / h)"})
     # §5.4 "Residual Dropout": on each sub-layer output and on the embedding + encoding sums.
     dropout_rate: float = 0.1
     # Departure (off by default): dropout on the attention weights, as tensor2tensor allows.
@@ -65,10 +71,14 @@ class TransformerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.d_model % self.h:
+        for name in ("d_k", "d_v"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer (or None for d_model / h), got {value!r}")
+        if (self.d_k is None or self.d_v is None) and self.d_model % self.h:
             raise ConfigError(
                 f"d_model={self.d_model} is not divisible by h={self.h}: choose d_model a multiple of h "
-                f"(d_k = d_v = d_model / h)"
+                f"(d_k = d_v = d_model / h), or set d_k and d_v"
             )
         for name in ("dropout_rate", "attention_dropout_rate"):
             value = getattr(self, name)
@@ -84,11 +94,13 @@ class TransformerConfig:
                 f"attention_dropout_rate > 0 needs attention_impl='reference' or 'auto' "
                 f"(jax.nn.dot_product_attention has no dropout); got attention_impl={self.attention_impl!r}"
             )
-        if self.attention_impl == "cudnn" and (self.dtype != "bfloat16" or self.d_k % 8 or self.d_k > 256):
+        if self.attention_impl == "cudnn" and (self.dtype != "bfloat16" or self.kernel_head_size % 8
+                                               or self.kernel_head_size > 256):
+            d_k, d_v = self.head_sizes
             raise ConfigError(
-                f"attention_impl='cudnn' needs dtype='bfloat16' and a head size d_k = d_model / h that is a "
-                f"multiple of 8 and at most 256 (got dtype={self.dtype!r}, d_k={self.d_k}): change them or "
-                f"use attention_impl='auto' or 'xla'"
+                f"attention_impl='cudnn' needs dtype='bfloat16' and a head size max(d_k, d_v) that is a multiple "
+                f"of 8 and at most 256 (got dtype={self.dtype!r}, d_k={d_k}, d_v={d_v}): change them or use "
+                f"attention_impl='auto' or 'xla'"
             )
         if not isinstance(self.pad_id, int) or not 0 <= self.pad_id < self.vocab_size:
             raise ConfigError(f"pad_id must be a token id in [0, vocab_size={self.vocab_size}), got {self.pad_id!r}")
@@ -105,13 +117,16 @@ class TransformerConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
     @property
-    def d_k(self) -> int:
-        """§3.2.2: d_k = d_v = d_model / h."""
-        return self.d_model // self.h
+    def head_sizes(self) -> tuple[int, int]:
+        """(d_k, d_v) as the model uses them: the fields, or §3.2.2's d_k = d_v = d_model / h where None."""
+        return (self.d_model // self.h if self.d_k is None else self.d_k,
+                self.d_model // self.h if self.d_v is None else self.d_v)
 
     @property
-    def d_v(self) -> int:
-        return self.d_model // self.h
+    def kernel_head_size(self) -> int:
+        """The head size that `jax.nn.dot_product_attention` ("xla", "cudnn") is given: max(d_k, d_v),
+        since it takes one size for queries, keys and values (the shorter ones are zero-padded)."""
+        return max(self.head_sizes)
 
     @classmethod
     def base(cls, **overrides) -> "TransformerConfig":
@@ -129,11 +144,25 @@ class TransformerConfig:
         return cls(**{"vocab_size": 64, "d_model": 64, "d_ff": 256, "h": 4, "N": 2, "max_len": 128, **overrides})
 
     @classmethod
+    def table3(cls, row: str, line: int, **overrides) -> "TransformerConfig":
+        """Table 3 of the paper, row `row` ("A" to "E"), its `line`-th line (from 1): the base model
+        with that line's changes (`TABLE3`). Lines D3 and D4 vary label smoothing, a training
+        setting (`TABLE3_LABEL_SMOOTHING`), so their model is the base model."""
+        name = f"{row}{line}"
+        if name not in TABLE3:
+            rows = ", ".join(f"{r}1-{r}{sum(n.startswith(r) for n in TABLE3)}" for r in "ABCDE")
+            raise ConfigError(f"Table 3 has no line {row!r} {line!r}: choose one of {rows}")
+        return cls(**{**TABLE3[name], **overrides})
+
+    @classmethod
     def preset(cls, name: str, **overrides) -> "TransformerConfig":
-        """The preset called `name` ("tiny", "base" or "big")."""
+        """The preset called `name`: "tiny", "base", "big", or a Table 3 line such as "B1"."""
         presets = {"tiny": cls.tiny, "base": cls.base, "big": cls.big}
+        if name in TABLE3:
+            return cls.table3(name[0], int(name[1:]), **overrides)
         if name not in presets:
-            raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(presets)}")
+            raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(presets)}, or a Table 3 line "
+                              f"({', '.join(TABLE3)})")
         return presets[name](**overrides)
 
     @property
@@ -141,3 +170,36 @@ class TransformerConfig:
         import jax.numpy as jnp
 
         return jnp.dtype(self.dtype)
+
+
+# Table 3 of the paper, "Variations on the Transformer architecture": each line changes the base
+# model (N=6, d_model=512, d_ff=2048, h=8, d_k=d_v=64, P_drop=0.1, ε_ls=0.1) in the values given;
+# the names are the row's letter and the line's number within it. Parameter counts beside the
+# paper's: README.md, "Table 3".
+TABLE3: dict[str, dict] = {
+    # (A) the number of heads, keeping h·d_k = h·d_v = d_model (the same computation).
+    "A1": dict(h=1, d_k=512, d_v=512),
+    "A2": dict(h=4, d_k=128, d_v=128),
+    "A3": dict(h=16, d_k=32, d_v=32),
+    "A4": dict(h=32, d_k=16, d_v=16),
+    # (B) a smaller attention key size d_k (d_v stays 64).
+    "B1": dict(d_k=16),
+    "B2": dict(d_k=32),
+    # (C) bigger and smaller models.
+    "C1": dict(N=2),
+    "C2": dict(N=4),
+    "C3": dict(N=8),
+    "C4": dict(d_model=256, d_k=32, d_v=32),
+    "C5": dict(d_model=1024, d_k=128, d_v=128),
+    "C6": dict(d_ff=1024),
+    "C7": dict(d_ff=4096),
+    # (D) dropout, then label smoothing (a training setting: TABLE3_LABEL_SMOOTHING).
+    "D1": dict(dropout_rate=0.0),
+    "D2": dict(dropout_rate=0.2),
+    "D3": dict(),
+    "D4": dict(),
+    # (E) learned positional embeddings instead of sinusoids.
+    "E1": dict(positional_encoding="learned"),
+}
+# Table 3 (D): ε_ls of the label-smoothing lines (the training recipe's `label_smoothing`).
+TABLE3_LABEL_SMOOTHING: dict[str, float] = {"D3": 0.0, "D4": 0.2}

@@ -90,3 +90,12 @@ def test_train_py_flags():
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args(bad)
         assert exit_info.value.code == 2
+
+
+def test_pieces_name_every_id_special_ones_included(tmp_path):
+    chars = CharTokenizer("ab")
+    assert chars.pieces([2, 4, 5, 3, 0]) == ["<s>", "a", "b", "</s>", "<pad>"]
+    spm_tok = SentencePieceTokenizer.train(["ein hund", "zwei katzen", "der mann"] * 20, 40, str(tmp_path))
+    ids = spm_tok.encode("ein hund") + [spm_tok.eos_id]
+    pieces = spm_tok.pieces(ids)
+    assert pieces[-1] == "</s>" and spm_tok.processor.decode_pieces(pieces[:-1]) == "ein hund"

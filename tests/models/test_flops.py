@@ -6,9 +6,14 @@ from transformer import Transformer, TransformerConfig
 from transformer.models.flops import forward_flops, peak_flops
 
 
-def test_flop_formula_matches_xla_cost_analysis():
+import pytest
+
+
+# The paper's head size (d_k = d_v = d_model / h), and Table 3 (A)/(B)-like sizes set apart from it.
+@pytest.mark.parametrize("heads", [dict(), dict(d_k=8, d_v=20)])
+def test_flop_formula_matches_xla_cost_analysis(heads):
     # No padding, no masks that XLA could skip: the formula's matrix multiplies are all XLA does.
-    config = TransformerConfig.tiny(vocab_size=300, d_model=96, d_ff=200, h=3, N=2)
+    config = TransformerConfig.tiny(vocab_size=300, d_model=96, d_ff=200, h=3, N=2, **heads)
     model = Transformer(config, rngs=nnx.Rngs(0))
     b, s, t = 2, 7, 5
     src, tgt = jnp.ones((b, s), jnp.int32), jnp.ones((b, t), jnp.int32)
@@ -26,6 +31,17 @@ def test_hand_count_for_one_layer():
     config = TransformerConfig.tiny(vocab_size=10, d_model=4, d_ff=8, h=2, N=1)
     # S = T = 1: encoder 4·2·16 + 4·4 + 4·32 = 272; decoder 128 + 16 + 64 + 64 + 16 + 128 = 416; output 80.
     assert forward_flops(config, 1, 1, 1) == 272 + 416 + 80
+
+
+def test_hand_count_with_head_sizes_apart_from_d_model():
+    # d = 4, h = 2, d_k = 1, d_v = 5: a = h·d_k = 2, o = h·d_v = 10; S = T = 1, d_ff = 8, V = 10.
+    config = TransformerConfig.tiny(vocab_size=10, d_model=4, d_ff=8, h=2, N=1, d_k=1, d_v=5)
+    # encoder: W^Q, W^K, W^V 2·4·(2 + 2 + 10) = 112, W^O 2·10·4 = 80, Q·Kᵀ and weights·V 2·(2 + 10) = 24,
+    #          FFN 2·2·4·8 = 128 -> 344
+    # decoder: self-attention 112 + 80 + 24 = 216; cross W^Q 2·4·2 = 16, W^O 80, W^K and W^V 2·4·12 = 96,
+    #          scores and sum 24 -> 216; FFN 128 -> 560
+    # output:  2·4·10 = 80
+    assert forward_flops(config, 1, 1, 1) == 344 + 560 + 80
 
 
 def test_known_peaks():

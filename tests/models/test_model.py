@@ -169,3 +169,53 @@ def test_parameter_counts_of_the_paper_models():
               for name, c in (("base", TransformerConfig.base()), ("big", TransformerConfig.big()))}
     # Worked out in README.md: 37000·512 + 6·(4·512² + FFN + 2 LN) + 6·(8·512² + FFN + 3 LN).
     assert counts == {"base": 63_045_632, "big": 214_171_648}
+
+
+def _closed_form_parameters(c: TransformerConfig) -> int:
+    """Table 3's models counted from their sizes alone: the shared embedding, and per layer the
+    attention projections (W^Q, W^K: d_model × h·d_k; W^V: d_model × h·d_v; W^O: h·d_v × d_model;
+    no biases), the FFN (two matrices and their biases) and the LayerNorms (scale and bias); row (E)
+    adds a learned position table of max_len rows for the source and one for the target."""
+    d_k, d_v = c.d_model // c.h if c.d_k is None else c.d_k, c.d_model // c.h if c.d_v is None else c.d_v
+    attention = 2 * c.d_model * c.h * d_k + 2 * c.h * d_v * c.d_model
+    ffn = 2 * c.d_model * c.d_ff + c.d_ff + c.d_model
+    norm = 2 * c.d_model
+    embedding = c.vocab_size * c.d_model + (2 * c.max_len * c.d_model if c.positional_encoding == "learned" else 0)
+    return embedding + c.N * (attention + ffn + 2 * norm) + c.N * (2 * attention + ffn + 3 * norm)
+
+
+@pytest.mark.parametrize("line", ["base", "big", "A1", "A2", "A3", "A4", "B1", "B2", "C1", "C2", "C3", "C4", "C5",
+                                  "C6", "C7", "D1", "D2", "D3", "D4", "E1"])
+def test_table3_parameter_counts_follow_the_closed_form(line):
+    config = TransformerConfig.preset(line)
+    # Abstract shapes only (nnx.eval_shape): no memory or time for the big models.
+    counted = count_parameters(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    assert counted == _closed_form_parameters(config)
+    if line in ("A1", "A2", "A3", "A4"):  # h·d_k = h·d_v = d_model: the base model's count
+        assert counted == 63_045_632
+
+
+def test_head_sizes_apart_from_d_model_over_h_train_and_decode():
+    # d_k = 5 and d_v = 7 while d_model / h = 8 (Table 3 (A)/(B)-like): forward, backward, and the
+    # KV cache (its keys hold d_k, its values d_v) against full forward passes.
+    config = dataclasses.replace(CONFIG, d_k=5, d_v=7)
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    attention = model.decoder.layers[0].self_attention
+    assert attention.w_q[...].shape == (24, 3, 5) and attention.w_v[...].shape == (24, 3, 7)
+    src, tgt = _tokens(40, (2, 6)), _tokens(41, (2, 5))
+    logits = model(src, tgt)
+    assert logits.shape == (2, 5, config.vocab_size)
+
+    def loss(m):
+        return -jax.nn.log_softmax(m(src, tgt)).mean()
+
+    grads = nnx.grad(loss)(model)
+    for name in ("w_q", "w_k", "w_v", "w_o"):
+        g = np.asarray(getattr(grads.decoder.layers[0].self_attention, name)[...])
+        assert g.shape == getattr(attention, name)[...].shape and np.isfinite(g).all() and np.abs(g).max() > 0
+    full = np.asarray(logits)
+    cache = model.init_cache(model.encode(src), max_len=8)
+    assert cache[0]["k"].shape == (2, 8, 3, 5) and cache[0]["v"].shape == (2, 8, 3, 7)
+    for i in range(tgt.shape[1]):
+        step, cache = model.decode_step(tgt[:, i : i + 1], src, cache, i)
+        np.testing.assert_allclose(np.asarray(step)[:, 0], full[:, i], atol=1e-4)

@@ -8,6 +8,7 @@ from numpy_reference import attention, multi_head
 from transformer import (
     ConfigError,
     MultiHeadAttention,
+    attention_weights,
     TransformerConfig,
     causal_mask,
     dot_product_attention,
@@ -47,6 +48,17 @@ def test_hand_worked_case():
     # Hiding the second key leaves only the first value.
     out = scaled_dot_product_attention(q, k, v, jnp.array([True, False]).reshape(1, 1, 1, 2))
     np.testing.assert_allclose(np.asarray(out).ravel(), [10.0], atol=1e-5)
+
+
+def test_hand_worked_weights():
+    # The case above: weights softmax(0.7071, 0) = (0.66976, 0.33024); the hidden key gets exactly 0.
+    q = jnp.array([1.0, 0.0]).reshape(1, 1, 1, 2)
+    k = jnp.array([[1.0, 0.0], [0.0, 1.0]]).reshape(1, 2, 1, 2)
+    w = attention_weights(q, k)
+    assert w.shape == (1, 1, 1, 2) and w.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(w).ravel(), [0.66976, 0.33024], atol=1e-5)
+    hidden = np.asarray(attention_weights(q, k, jnp.array([False, True]).reshape(1, 1, 1, 2))).ravel()
+    assert hidden[0] == 0.0 and hidden[1] == 1.0
 
 
 @pytest.mark.parametrize("use_mask", [False, True])
@@ -133,6 +145,26 @@ def test_lengths_and_causal_flag_through_xla_agree_with_dense_reference(kind):
     assert np.abs(unmasked[real] - ref[real]).max() > 1e-2
 
 
+@pytest.mark.parametrize("d_k, d_v", [(3, 7), (7, 3)])
+def test_head_sizes_apart_through_xla_agree_with_reference(d_k, d_v):
+    # Table 3 (B): d_k != d_v; jax.nn.dot_product_attention takes one head size, so the shorter side is
+    # zero-padded and the scale stays 1/√d_k.
+    rng = np.random.default_rng(11)
+    q, k = (jnp.asarray(rng.normal(size=(B, n, H, d_k)), jnp.float32) for n in (Q, K))
+    v = jnp.asarray(rng.normal(size=(B, K, H, d_v)), jnp.float32)
+    tokens = jnp.array([[3, 4, 5, 6, 7], [3, 4, 0, 0, 0]])
+    mask = self_attention_mask(tokens, 0)
+    ref = np.asarray(scaled_dot_product_attention(q, k, v, mask.to_dense(Q, K)))
+    xla = np.asarray(dot_product_attention(q, k, v, mask, "xla"))
+    assert xla.shape == (B, Q, H, d_v)
+    np.testing.assert_allclose(xla, ref, rtol=1e-5, atol=1e-5)
+    for b in range(B):
+        for i in range(H):
+            expected = attention(np.asarray(q[b, :, i]), np.asarray(k[b, :, i]), np.asarray(v[b, :, i]),
+                                 np.asarray(mask.to_dense(Q, K))[b, 0])
+            np.testing.assert_allclose(ref[b, :, i], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_resolve_attention_impl():
     def resolve(backend, dense_mask=False, **overrides):
         config = TransformerConfig.tiny(**{"attention_impl": "auto", "dtype": "bfloat16", **overrides})
@@ -144,6 +176,9 @@ def test_resolve_attention_impl():
     assert resolve("gpu", dtype="float32") == "xla"  # cuDNN's flash attention takes fp16/bf16 only
     assert resolve("gpu", d_model=48, h=4) == "xla"  # d_k = 12: not a multiple of 8
     assert resolve("gpu", d_model=768, h=4) == "xla"  # d_k = 192: above 128, Hopper-only
+    assert resolve("gpu", d_k=12, d_v=16) == "cudnn"  # padded to max(d_k, d_v) = 16
+    assert resolve("gpu", d_k=16, d_v=12) == "cudnn"
+    assert resolve("gpu", d_k=512, d_v=512, h=1) == "xla"  # Table 3 (A) h = 1: a head too big for cuDNN
     assert resolve("gpu", attention_dropout_rate=0.1) == "reference"  # only the formula has dropout
     assert resolve("cpu") == "xla" and resolve("tpu") == "xla"
     for impl in ("reference", "xla"):
@@ -159,9 +194,13 @@ def test_cudnn_on_cpu_is_a_config_error_when_the_model_is_built():
         MultiHeadAttention(config, rngs=nnx.Rngs(0))
 
 
-def test_multi_head_matches_numpy():
-    config = TransformerConfig.tiny(d_model=H * D, h=H)
+@pytest.mark.parametrize("heads", [dict(), dict(d_k=3, d_v=7)])
+def test_multi_head_matches_numpy(heads):
+    config = TransformerConfig.tiny(d_model=H * D, h=H, **heads)
     mha = MultiHeadAttention(config, rngs=nnx.Rngs(0))
+    d_k, d_v = config.head_sizes
+    assert mha.w_q[...].shape == (H * D, H, d_k) and mha.w_v[...].shape == (H * D, H, d_v)
+    assert mha.w_o[...].shape == (H, d_v, H * D)
     rng = np.random.default_rng(5)
     xq = rng.normal(size=(B, Q, H * D)).astype(np.float32)
     xkv = rng.normal(size=(B, K, H * D)).astype(np.float32)
@@ -174,10 +213,11 @@ def test_multi_head_matches_numpy():
 
 
 @pytest.mark.parametrize("impl", ["xla", "auto"])
-def test_multi_head_implementations_agree(impl):
+@pytest.mark.parametrize("heads", [dict(), dict(d_k=3, d_v=7)])
+def test_multi_head_implementations_agree(impl, heads):
     assert jax.default_backend() == "cpu"  # "auto" must resolve to something that runs here
-    ref_config = TransformerConfig.tiny(d_model=H * D, h=H)
-    config = TransformerConfig.tiny(d_model=H * D, h=H, attention_impl=impl)
+    ref_config = TransformerConfig.tiny(d_model=H * D, h=H, **heads)
+    config = TransformerConfig.tiny(d_model=H * D, h=H, attention_impl=impl, **heads)
     x = jax.random.normal(jax.random.key(0), (B, K, H * D))
     tokens = jnp.array([[3, 4, 5, 6, 7], [3, 4, 5, 0, 0]])
     for mask in (causal_mask(K), self_attention_mask(tokens, 0, causal=True)):

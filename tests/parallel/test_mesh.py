@@ -98,6 +98,28 @@ def test_dropout_on_a_mesh_draws_what_one_device_draws():
         np.testing.assert_allclose(a, b, atol=2e-6)
 
 
+def test_head_sizes_apart_from_d_model_over_h_on_a_tensor_mesh():
+    """Table 3 (A)/(B)-like heads (d_k = 3, d_v = 7, d_model / h = 5): tensor parallelism splits the
+    h heads of W^Q, W^K, W^V and W^O whatever their size, and the step equals one device's."""
+    model = dataclasses.replace(MODEL, d_k=3, d_v=7)
+    graphdef, state, tx = create_train_state(model, TRAIN)
+    batches = _batches(1)
+    single_step, _ = compile_steps(graphdef, tx, model, TRAIN, 1)
+    single, single_losses = _run(single_step, jax.tree.map(jnp.copy, state), batches)
+    mesh = make_mesh(ParallelConfig(parallel="mesh", mesh="data=4,tensor=2"))
+    check_model_fits(model, mesh)
+    shardings = state_shardings(state, mesh)
+    assert _params_by_name(shardings.params)["encoder/layers/0/self_attention/w_v"].spec == P(None, "tensor", None)
+    assert _params_by_name(shardings.params)["encoder/layers/0/self_attention/w_o"].spec == P("tensor", None, None)
+    step, _ = compile_mesh_steps(graphdef, tx, model, TRAIN, shardings, batch_sharding(mesh), replicated(mesh))
+    sharded, losses = _run(step, place(state, shardings), batches, lambda b: place(b, batch_sharding(mesh)))
+    np.testing.assert_allclose(float(losses[0]), float(single_losses[0]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.device_get(sharded.params)), jax.tree.leaves(jax.device_get(single.params))):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+    w_v = _params_by_name(jax.device_get(sharded.params))["encoder/layers/0/self_attention/w_v"]
+    assert w_v.shape == (20, 4, 7)
+
+
 def _params_by_name(tree):
     """'decoder/layers/0/feed_forward/linear_1/kernel' -> array."""
     def name(path):

@@ -125,6 +125,11 @@ def _main_of(script):
     ("translate.py", ["--max_extra", "-5"], "--max_extra (output length limit = input length + max_extra) must be >= 0"),
     ("translate.py", ["--input", "{bad}"], "bad.txt line 2 is not valid UTF-8 (byte 0xff at byte 1 of the line)"),
     ("translate.py", ["--input", "{file}", "--reference", "{bad}"], "bad.txt line 2 is not valid UTF-8"),
+    ("translate.py", ["--plot_attention", "{file}.jpg"], "file.jpg' must name a .png file"),
+    ("translate.py", ["--plot_attention", "{full}/no/such/a.png"], "does not exist"),
+    ("translate.py", ["--layer", "2"], "--layer and --head choose what --plot_attention draws: add --plot_attention"),
+    ("translate.py", ["--input", "{file}", "--plot_attention", "{full}/a.png", "--plot_line", "2"],
+     "--plot_line 2 is not a line of the input (it has 1)"),
     ("average_checkpoints.py", ["--output", "{file}"], "is a file: give the name of a new folder"),
     ("average_checkpoints.py", ["--output", "{file}/avg"], "is a file, not a folder"),
     ("average_checkpoints.py", ["--output", "{full}"], "is a folder that is not empty"),
@@ -224,3 +229,10 @@ def test_translate_py_warns_about_the_long_line_and_keeps_the_others(tmp_path):
     assert len(warnings) == 1 and warnings[0].startswith("warning: line 2 has ")
     assert warnings[0].endswith("tokens but the model takes at most 23 (max_len 24, with the end token): only its first "
                                 "23 are translated")
+    # --layer and --head are checked against the run's model before its checkpoint is read.
+    for flag, value, fragment in (("--layer", "2", "--layer 2 is not a layer of this model: choose 1 to 1"),
+                                  ("--head", "0", "--head 0 is not a head of this model: choose 1 to 2")):
+        bad = run("translate.py", "--workdir", workdir, "--plot_attention", str(tmp_path / "a.png"), flag, value,
+                  stdin="ein hund\n")
+        assert_one_line_error(bad, "translate.py", fragment)
+        assert not (tmp_path / "a.png").exists()

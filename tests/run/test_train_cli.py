@@ -144,6 +144,51 @@ def test_folder_dataset_trains_and_reports_bleu(tmp_path):
                            capture_output=True, text=True, env=_env(), timeout=120, cwd=ROOT)
     assert again.returncode == 0, again.stderr
     assert again.stdout == translated.stdout
+    _check_attention_plot(tmp_path, tmp_path / "data" / "de.validation.txt")
+
+
+def _check_attention_plot(tmp_path, sources):
+    """translate.py --plot_attention: the maps of line 2 in one teacher-forced pass, all heads of the
+    (only) layer, a PNG of the grid's size; in-process, the same call's axes carry the pieces."""
+    import struct
+
+    from flax import nnx
+
+    from transformer.data.tokenizer import load_tokenizer
+    from transformer.decoding.translate import translation_attention
+    from transformer.models.attention_maps import figure_pixels, layer_maps, plot_attention
+    from transformer.run.checkpoint import load_params
+    from transformer.run.workdir import load_run_config
+    from transformer.training import create_train_state
+
+    png = tmp_path / "attention.png"
+    plotted = subprocess.run(
+        [sys.executable, str(ROOT / "translate.py"), "--workdir", str(tmp_path / "run"), "--input", str(sources),
+         "--plot_attention", str(png), "--plot_line", "2", "--beam_size", "2"],
+        capture_output=True, text=True, env=_env(), timeout=120, cwd=ROOT)
+    assert plotted.returncode == 0, plotted.stderr
+    assert "Traceback" not in plotted.stderr and f"attention maps of line 2, layer 1: {png}" in plotted.stderr
+    with open(png, "rb") as f:
+        width, height = struct.unpack(">II", f.read(24)[16:24])
+
+    model_config, train_config = load_run_config(str(tmp_path / "run"))
+    tokenizer = load_tokenizer(str(tmp_path / "run"))
+    graphdef, like, _ = create_train_state(model_config, train_config)
+    state, _ = load_params(str(tmp_path / "run"), like, 1, None)
+    model = nnx.merge(graphdef, state.params)
+    line = sources.read_text().splitlines()[1]
+    text, pieces, maps = translation_attention(model, tokenizer, line, beam_size=2, alpha=0.6, max_extra=50)
+    assert text == plotted.stdout.splitlines()[1]  # the translation translate.py printed for that line
+    assert pieces["source"] == tokenizer.pieces(tokenizer.encode(line)) + ["</s>"]
+    assert pieces["target"][0] == "<s>" and tokenizer.processor.decode_pieces(pieces["target"][1:]) == text
+    longest = max(len(pieces["source"]), len(pieces["target"]))
+    assert (width, height) == figure_pixels(3, model_config.h, longest)  # 3 kinds × h = 2 heads
+    src, tgt = pieces["source"], pieces["target"]
+    fig = plot_attention(layer_maps(maps, 0), {"encoder": (src, src), "decoder": (tgt, tgt), "cross": (tgt, src)},
+                         str(tmp_path / "again.png"))
+    cross = fig.axes[2 * model_config.h]  # row 3: encoder-decoder attention, head 1
+    assert [t.get_text() for t in cross.get_xticklabels()] == src
+    assert [t.get_text() for t in cross.get_yticklabels()] == tgt
 
 
 _MOCK_TFDS_RUN = """

@@ -29,6 +29,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Iterable[int]) -> str: ...
 
+    def pieces(self, ids: Iterable[int]) -> list[str]: ...
+
 
 MODEL_TYPES = ("bpe", "unigram")
 
@@ -103,6 +105,10 @@ class SentencePieceTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.processor.decode(_strip(ids, self))
 
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        """The vocabulary's piece for each id, special ids included (e.g. "▁Hund", "</s>")."""
+        return [self.processor.id_to_piece(int(i)) for i in ids]
+
 
 class CharTokenizer:
     """One token per character of a fixed alphabet (for the generated task; no training needed)."""
@@ -123,6 +129,12 @@ class CharTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.alphabet[i - 4] if i >= 4 else "?" for i in _strip(ids, self))
+
+    SPECIAL_PIECES = ("<pad>", "<unk>", "<s>", "</s>")  # PAD_ID, UNK_ID, BOS_ID, EOS_ID
+
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        """Each id's character, or the name of a special id."""
+        return [self.alphabet[i - 4] if i >= 4 else self.SPECIAL_PIECES[i] for i in map(int, ids)]
 
     def save(self, workdir: str) -> None:
         with open(os.path.join(workdir, self.FILE), "w") as f:

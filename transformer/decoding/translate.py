@@ -1,8 +1,24 @@
-"""Text in, text out: tokenise, decode in batches of few shapes, detokenise."""
+"""Text in, text out: tokenise, decode in batches of few shapes, detokenise; and the attention
+maps of one sentence's translation (the paper's Figures 3-5)."""
 
 from __future__ import annotations
 
 from transformer.decoding.search import translate
+
+
+def encode_sources(tokenizer, texts, max_len: int) -> list[list[int]]:
+    """Each text's token ids and the end token, cut to the max_len the model takes (a line longer than
+    max_len - 1 tokens keeps its first max_len - 1, with a warning on standard error naming the line,
+    1 = texts[0])."""
+    import sys
+
+    encoded = []
+    for line, ids in enumerate(tokenizer.encode_batch(list(texts)), start=1):
+        if len(ids) > max_len - 1:
+            print(f"warning: line {line} has {len(ids)} tokens but the model takes at most {max_len - 1} (max_len "
+                  f"{max_len}, with the end token): only its first {max_len - 1} are translated", file=sys.stderr)
+        encoded.append(list(ids[: max_len - 1]) + [tokenizer.eos_id])
+    return encoded
 
 
 def translate_batches(model, tokenizer, texts, beam_size: int = 4, alpha: float = 0.6, max_extra: int = 50,
@@ -16,8 +32,6 @@ def translate_batches(model, tokenizer, texts, beam_size: int = 4, alpha: float 
     longest sequence the model takes). A sentence longer than max_len - 1 tokens (the end token
     makes max_len) is cut to that, with a warning on standard error naming its line (1 = texts[0]).
     """
-    import sys
-
     import numpy as np
     from tqdm import tqdm
 
@@ -27,12 +41,7 @@ def translate_batches(model, tokenizer, texts, beam_size: int = 4, alpha: float 
         raise ValueError(f"max_extra must be >= 0, got {max_extra}")
     max_len = model.config.max_len
     texts = list(texts)
-    encoded = []
-    for line, ids in enumerate(tokenizer.encode_batch(texts), start=1):
-        if len(ids) > max_len - 1:
-            print(f"warning: line {line} has {len(ids)} tokens but the model takes at most {max_len - 1} (max_len "
-                  f"{max_len}, with the end token): only its first {max_len - 1} are translated", file=sys.stderr)
-        encoded.append(list(ids[: max_len - 1]) + [tokenizer.eos_id])
+    encoded = encode_sources(tokenizer, texts, max_len)
     # The decoders give every row of a batch the same max_extra and stop each row at its own length +
     # max_extra, over src.shape[1] + max_extra decoder positions. Rows whose limit fits in max_len
     # (length <= fits) are padded to at most `fits`, so that no row's limit is ever lowered for the
@@ -63,3 +72,32 @@ def translate_batches(model, tokenizer, texts, beam_size: int = 4, alpha: float 
         for row, i in enumerate(members):
             out[i] = tokenizer.decode(hyps[row])
     return out
+
+
+def translation_attention(model, tokenizer, text: str, beam_size: int = 4, alpha: float = 0.6,
+                          max_extra: int = 50) -> tuple[str, dict[str, list[str]], dict]:
+    """Translate one sentence, then run the model once over its source and the decoded output
+    (teacher forced: the target shifted right, as in training) recording every attention map.
+
+    Returns the translation, the token pieces {"source": [...], "target": [...]} (the target being
+    the decoder's input positions: the begin token, then the output tokens; the end token is
+    predicted at the last of them), and {module path: float32 [h, queries, keys]}
+    (`models.attention_maps.attention_maps`). The translation is the one `translate_batches`
+    gives for this sentence (a sentence's output does not depend on its batch)."""
+    import numpy as np
+
+    from transformer.decoding.search import check_decode_length
+    from transformer.models.attention_maps import attention_maps
+
+    max_len = model.config.max_len
+    src_ids = encode_sources(tokenizer, [text], max_len)[0]
+    extra = min(max_extra, max_len - len(src_ids))
+    check_decode_length(model.config, len(src_ids), extra)
+    src = np.asarray([src_ids], np.int32)
+    out = [int(i) for i in np.asarray(translate(model, src, beam_size, alpha, extra, bos_id=tokenizer.bos_id,
+                                                eos_id=tokenizer.eos_id))[0]]
+    out = out[: out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else [i for i in out if i != model.config.pad_id]
+    tgt_in = np.asarray([[tokenizer.bos_id] + out], np.int32)
+    _, maps = attention_maps(model, src, tgt_in)
+    pieces = {"source": tokenizer.pieces(src_ids), "target": tokenizer.pieces(tgt_in[0].tolist())}
+    return tokenizer.decode(out), pieces, {path: np.asarray(w[0]) for path, w in maps.items()}

@@ -1,15 +1,19 @@
 """Model FLOPs of the encoder-decoder, for throughput and MFU figures.
 
 Every matrix multiply counts 2 FLOPs per multiply-add. For one example with source length S,
-target length T, d = d_model, V = vocabulary, per layer:
+target length T, d = d_model, V = vocabulary, and the attention widths a = h·d_k (queries, keys)
+and o = h·d_v (values, the input of W^O), per layer:
 
-  encoder:  4·2·S·d²  (W^Q, W^K, W^V, W^O)  +  2·2·S²·d  (Q·Kᵀ and weights·V)  +  2·2·S·d·d_ff  (FFN)
-  decoder:  4·2·T·d² + 2·2·T²·d              (masked self-attention, computed in full)
-          + 2·2·T·d² + 2·2·S·d²              (cross-attention: W^Q, W^O on targets; W^K, W^V on sources)
-          + 2·2·T·S·d                         (cross-attention scores and weighted sum)
-          + 2·2·T·d·d_ff                      (FFN)
+  encoder:  2·S·d·(2a + o) + 2·S·o·d          (W^Q, W^K, W^V; W^O)
+          + 2·S²·(a + o)                      (Q·Kᵀ and weights·V)
+          + 2·2·S·d·d_ff                      (FFN)
+  decoder:  2·T·d·(2a + o) + 2·T·o·d + 2·T²·(a + o)       (masked self-attention, computed in full)
+          + 2·T·d·a + 2·T·o·d + 2·S·d·(a + o)            (cross-attention: W^Q, W^O on targets; W^K, W^V on sources)
+          + 2·T·S·(a + o)                                (cross-attention scores and weighted sum)
+          + 2·2·T·d·d_ff                                 (FFN)
   output:   2·T·d·V                           (pre-softmax projection)
 
+With the paper's d_k = d_v = d_model / h (a = o = d) these are the familiar 4·2·S·d² + 2·2·S²·d + ….
 Training is counted as 3× the forward pass (the backward pass costs two matrix multiplies per
 forward one). Embedding look-ups, softmax, LayerNorm and the optimizer are not matrix multiplies
 and are left out, as is usual for MFU.
@@ -34,9 +38,11 @@ PEAK_FLOPS = {
 def forward_flops(config: TransformerConfig, batch: int, src_len: int, tgt_len: int) -> float:
     """Matrix-multiply FLOPs of one forward pass over [batch, src_len] sources, [batch, tgt_len] targets."""
     d, d_ff, S, T = config.d_model, config.d_ff, src_len, tgt_len
-    encoder = 4 * 2 * S * d * d + 2 * 2 * S * S * d + 2 * 2 * S * d * d_ff
-    decoder = (4 * 2 * T * d * d + 2 * 2 * T * T * d
-               + 2 * 2 * T * d * d + 2 * 2 * S * d * d + 2 * 2 * T * S * d
+    d_k, d_v = config.head_sizes
+    a, o = config.h * d_k, config.h * d_v
+    encoder = 2 * S * d * (2 * a + o) + 2 * S * o * d + 2 * S * S * (a + o) + 2 * 2 * S * d * d_ff
+    decoder = (2 * T * d * (2 * a + o) + 2 * T * o * d + 2 * T * T * (a + o)
+               + 2 * T * d * a + 2 * T * o * d + 2 * S * d * (a + o) + 2 * T * S * (a + o)
                + 2 * 2 * T * d * d_ff)
     output = 2 * T * d * config.vocab_size
     return float(batch * (config.N * (encoder + decoder) + output))

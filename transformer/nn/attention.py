@@ -2,7 +2,7 @@
 
 Axis letters, used the same way in every einsum of the library:
 b batch, q query positions, k key/value positions, h heads, d per-head size (d_k or d_v),
-m model size (d_model).
+m model size (d_model). Shape annotations say dk and dv where the two head sizes may differ.
 """
 
 from __future__ import annotations
@@ -23,24 +23,35 @@ from transformer.nn.partitioning import BATCH, EMBED, HEADS, KV, constrain
 _HEADS_LAYOUT = (BATCH, None, HEADS, None)  # [b, l, h, d]: rows and heads split (mesh mode only)
 
 
-def scaled_dot_product_attention(
-    q: Float[Array, "b q h d"],
-    k: Float[Array, "b k h d"],
-    v: Float[Array, "b k h d"],
+def attention_weights(
+    q: Float[Array, "b q h dk"],
+    k: Float[Array, "b k h dk"],
     mask: Bool[Array, "b #h q k"] | None = None,
-    weights_dropout: Callable[[jax.Array], jax.Array] | None = None,
-) -> Float[Array, "b q h d"]:
-    """§3.2.1: Attention(Q, K, V) = softmax(Q·Kᵀ / √d_k)·V, for all h heads at once.
+) -> Float[Array, "b h q k"]:
+    """§3.2.1: the weights softmax(Q·Kᵀ / √d_k) of every head, in float32 (each row sums to 1).
 
-    Scores and softmax are computed in float32 whatever the compute dtype; masked scores are set to
-    the most negative float so that they get (numerically) zero weight.
-    `weights_dropout`, if given, is applied to the attention weights (a departure, off by default).
-    """
+    Masked scores are set to the most negative float, so that their weights are exactly zero (a row
+    with at least one key it may attend to)."""
     d_k = q.shape[-1]
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(d_k)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def scaled_dot_product_attention(
+    q: Float[Array, "b q h dk"],
+    k: Float[Array, "b k h dk"],
+    v: Float[Array, "b k h dv"],
+    mask: Bool[Array, "b #h q k"] | None = None,
+    weights_dropout: Callable[[jax.Array], jax.Array] | None = None,
+) -> Float[Array, "b q h dv"]:
+    """§3.2.1: Attention(Q, K, V) = softmax(Q·Kᵀ / √d_k)·V, for all h heads at once.
+
+    Scores and softmax are computed in float32 whatever the compute dtype (`attention_weights`).
+    `weights_dropout`, if given, is applied to the attention weights (a departure, off by default).
+    """
+    weights = attention_weights(q, k, mask).astype(v.dtype)
     if weights_dropout is not None:
         weights = weights_dropout(weights)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
@@ -61,8 +72,8 @@ def resolve_attention_impl(
     """The implementation that computes attention: "reference", "xla" or "cudnn".
 
     `config.attention_impl` as it is, except "auto": cuDNN's flash attention where it serves the
-    backend (default `jax.default_backend()`), the compute dtype (bf16/fp16), the head size d_k and
-    the mask (padding and causality only; `dense_mask=True` stands for the segment masks of packed
+    backend (default `jax.default_backend()`), the compute dtype (bf16/fp16), the head size
+    (`config.kernel_head_size`, max(d_k, d_v)) and the mask (padding and causality only; `dense_mask=True` stands for the segment masks of packed
     rows and the KV-cache decoding step, which go to XLA), else XLA; and the reference formula when
     attention dropout is on, which only it implements. "cudnn" on a backend other than "gpu" raises
     ConfigError.
@@ -80,20 +91,20 @@ def resolve_attention_impl(
     cudnn_serves = (
         backend == "gpu"
         and config.dtype in _CUDNN_DTYPES
-        and config.d_k % 8 == 0
-        and config.d_k <= _CUDNN_MAX_HEAD_SIZE
+        and config.kernel_head_size % 8 == 0
+        and config.kernel_head_size <= _CUDNN_MAX_HEAD_SIZE
         and not dense_mask
     )
     return "cudnn" if cudnn_serves else "xla"
 
 
 def dot_product_attention(
-    q: Float[Array, "b q h d"],
-    k: Float[Array, "b k h d"],
-    v: Float[Array, "b k h d"],
+    q: Float[Array, "b q h dk"],
+    k: Float[Array, "b k h dk"],
+    v: Float[Array, "b k h dv"],
     mask: AttentionMask,
     implementation: str,
-) -> Float[Array, "b q h d"]:
+) -> Float[Array, "b q h dv"]:
     """The same §3.2.1 formula through `jax.nn.dot_product_attention(implementation=…)` ("xla" or
     "cudnn"): scores and softmax in float32, same layout.
 
@@ -102,7 +113,16 @@ def dot_product_attention(
     the decoding step's offset causality) as a boolean `mask`; cuDNN applies that one as an additive
     bias. Query lengths are not passed: §3.2.1 masks keys only, and with them the kernels would zero
     the outputs at padded queries, which the loss ignores anyway.
+
+    The kernels take one head size for Q, K and V; where d_k ≠ d_v (Table 3 (B)) the shorter side is
+    zero-padded to max(d_k, d_v): zero columns of Q and K add nothing to Q·Kᵀ, zero columns of V give
+    output columns that are cut off again, and the scale stays 1/√d_k.
     """
+    d_k, d_v = q.shape[-1], v.shape[-1]
+    if d_k != d_v:
+        size = max(d_k, d_v)
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, size - x.shape[-1])))  # noqa: E731
+        q, k, v = pad(q), pad(k), pad(v)
     lengths, dense = mask.kv_lengths, mask.dense
     if implementation == "cudnn":
         if lengths is not None:
@@ -112,10 +132,11 @@ def dot_product_attention(
         if dense is not None:
             # cuDNN turns the mask into a bias, which must span the batch, query and key axes.
             dense = jnp.broadcast_to(dense, (q.shape[0], dense.shape[1], q.shape[1], k.shape[1]))
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=dense, scale=1.0 / math.sqrt(q.shape[-1]), is_causal=mask.causal,
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=dense, scale=1.0 / math.sqrt(d_k), is_causal=mask.causal,
         key_value_seq_lengths=lengths, implementation=implementation,
     )
+    return out[..., :d_v]
 
 
 def _projection_init(in_axis, out_axis):
@@ -135,11 +156,21 @@ class MultiHeadAttention(nnx.Module):
     One module serves encoder self-attention, masked decoder self-attention and encoder-decoder
     attention; the pieces (`project_query`, `project_key_value`, `attend`) are public so that
     incremental decoding can cache keys and values and reuse them.
+
+    d_k and d_v are `config.head_sizes`: d_model / h as in the paper's models, or set apart from it
+    (Table 3 rows (A), (B)).
+
+    With `record_weights` set (by `record_attention_weights`, for a whole model at once), every call
+    also keeps its attention weights [b, h, q, k] (float32, before any attention dropout) as the
+    `nnx.Intermediate` attribute `attention_weights` (the newest call's); off, nothing of it is
+    computed.
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.config = config
-        d_model, h, d_k, d_v = config.d_model, config.h, config.d_k, config.d_v
+        self.record_weights = False
+        d_model, h = config.d_model, config.h
+        d_k, d_v = config.head_sizes
         qkv_init = _projection_init(in_axis=0, out_axis=(1, 2))
         qkv_axes = (EMBED, HEADS, KV)
         self.w_q = nnx.Param(qkv_init(rngs.params(), (d_model, h, d_k), jnp.float32), logical_axes=qkv_axes)
@@ -150,12 +181,12 @@ class MultiHeadAttention(nnx.Module):
         self.weights_dropout = Dropout(config.attention_dropout_rate)
         resolve_attention_impl(config)  # a request the device cannot serve fails here, when the model is built
 
-    def project_query(self, x: Float[Array, "b q m"]) -> Float[Array, "b q h d"]:
+    def project_query(self, x: Float[Array, "b q m"]) -> Float[Array, "b q h dk"]:
         """Q·W_i^Q for every head i."""
         dtype = self.config.compute_dtype
         return constrain(jnp.einsum("bqm,mhd->bqhd", x.astype(dtype), self.w_q[...].astype(dtype)), *_HEADS_LAYOUT)
 
-    def project_key_value(self, x: Float[Array, "b k m"]) -> tuple[Float[Array, "b k h d"], Float[Array, "b k h d"]]:
+    def project_key_value(self, x: Float[Array, "b k m"]) -> tuple[Float[Array, "b k h dk"], Float[Array, "b k h dv"]]:
         """K·W_i^K and V·W_i^V for every head i."""
         dtype = self.config.compute_dtype
         x = x.astype(dtype)
@@ -165,9 +196,9 @@ class MultiHeadAttention(nnx.Module):
 
     def attend(
         self,
-        q: Float[Array, "b q h d"],
-        k: Float[Array, "b k h d"],
-        v: Float[Array, "b k h d"],
+        q: Float[Array, "b q h dk"],
+        k: Float[Array, "b k h dk"],
+        v: Float[Array, "b k h dv"],
         mask: AttentionMask | Bool[Array, "b #h q k"] | None,
         *,
         deterministic: bool = True,
@@ -186,6 +217,11 @@ class MultiHeadAttention(nnx.Module):
             heads = scaled_dot_product_attention(q, k, v, mask.to_dense(q.shape[1], k.shape[1]), weights_dropout=dropout)
         else:
             heads = dot_product_attention(q, k, v, mask, impl)
+        if self.record_weights:
+            # Computed apart from `heads` (the formula once more), so that the output is the same
+            # computation whether or not the weights are recorded, whatever the implementation.
+            weights = attention_weights(q, k, mask.to_dense(q.shape[1], k.shape[1]))
+            self.attention_weights = nnx.Intermediate(weights)  # the newest call's
         dtype = self.config.compute_dtype
         return jnp.einsum("bqhd,hdm->bqm", heads, self.w_o[...].astype(dtype))
 
@@ -202,3 +238,11 @@ class MultiHeadAttention(nnx.Module):
         q = self.project_query(x_q)
         k, v = self.project_key_value(x_kv)
         return self.attend(q, k, v, mask, deterministic=deterministic, rngs=rngs)
+
+
+def record_attention_weights(model: nnx.Module, record: bool = True) -> None:
+    """Switch recording of attention weights on (or off) for every `MultiHeadAttention` in `model`;
+    `transformer.models.attention_maps.attention_maps` uses it for one forward pass."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, MultiHeadAttention):
+            node.record_weights = record

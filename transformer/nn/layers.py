@@ -21,8 +21,9 @@ from transformer.nn.partitioning import BATCH, EMBED, annotate, constrain
 Mask = AttentionMask | Bool[Array, "b #h q k"]
 
 # Incremental decoding state of one decoder layer: self-attention keys/values written so far
-# ("k", "v": [batch, max_len, h, d]) and, for encoder-decoder layers, the keys/values of the
-# encoder output computed once per source ("cross_k", "cross_v": [batch, src_len, h, d]).
+# ("k": [batch, max_len, h, d_k], "v": [batch, max_len, h, d_v]) and, for encoder-decoder layers,
+# the keys/values of the encoder output computed once per source ("cross_k", "cross_v":
+# [batch, src_len, h, d_k or d_v]).
 LayerCache = dict[str, jax.Array]
 
 
@@ -144,8 +145,9 @@ class DecoderLayer(nnx.Module):
     def init_cache(self, batch: int, max_len: int, memory: Float[Array, "b s m"] | None, dtype) -> LayerCache:
         """An empty self-attention cache of max_len positions, and the encoder-decoder keys/values."""
         config = self.self_attention.config
-        empty = jnp.zeros((batch, max_len, config.h, config.d_k), dtype)
-        cache = {"k": empty, "v": empty}
+        d_k, d_v = config.head_sizes
+        cache = {"k": jnp.zeros((batch, max_len, config.h, d_k), dtype),
+                 "v": jnp.zeros((batch, max_len, config.h, d_v), dtype)}
         if self.cross_attention is not None:
             cache["cross_k"], cache["cross_v"] = self.cross_attention.project_key_value(memory)
         return cache

@@ -20,7 +20,7 @@ BATCH = "batch"  # rows of a batch (activations only)
 VOCAB = "vocab"  # rows of the embedding table / columns of the pre-softmax projection
 EMBED = "embed"  # d_model
 HEADS = "heads"  # h, the attention heads
-KV = "kv"  # d_k = d_v, the size of one head
+KV = "kv"  # d_k or d_v, the size of one head
 MLP = "mlp"  # d_ff, the feed-forward network's hidden units
 POSITION = None  # rows of a learned position table: never split
 CLASSES = None  # a classifier's outputs: few, never split

@@ -71,7 +71,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip=(
         if field.name in skip:
             continue
         hint = hints[field.name]
-        kwargs: dict = {"default": None, "help": f"(default: {field.default!r})"}
+        kwargs: dict = {"default": None, "help": field.metadata.get("help", f"(default: {field.default!r})")}
         origin, args = typing.get_origin(hint), typing.get_args(hint)
         if origin is typing.Literal:
             kwargs.update(choices=list(args), type=type(args[0]))

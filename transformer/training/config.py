@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from transformer.config import ConfigError
+from transformer.config import TABLE3, TABLE3_LABEL_SMOOTHING, ConfigError
 
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 TOKENIZER_TYPES = ("bpe", "unigram")
@@ -120,4 +120,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "base": dict(),
     # §6.1: big models trained for 300k steps.
     "big": dict(num_train_steps=300_000),
+    # Table 3's lines ("A1" … "E1"): the base recipe; lines D3 and D4 change label smoothing (ε_ls).
+    **{name: ({"label_smoothing": TABLE3_LABEL_SMOOTHING[name]} if name in TABLE3_LABEL_SMOOTHING else {})
+       for name in TABLE3},
 }
