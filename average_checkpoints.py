@@ -38,7 +38,9 @@ def main() -> int:
     from transformer.run.workdir import load_run_config
     from transformer.training import create_train_state
 
-    model_config, train_config = load_run_config(args.workdir)
+    # Parameters do not depend on how attention is computed: the reference formula runs on any
+    # device, so a run trained with cuDNN attention is averaged on a CPU too.
+    model_config, train_config = load_run_config(args.workdir, attention_impl="reference")
     _, like, _ = create_train_state(model_config, train_config)
     try:
         used = average_into(args.workdir, args.output, args.last, like)

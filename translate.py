@@ -33,6 +33,8 @@ def main() -> int:
     parser.add_argument("--average_last", type=int, default=1, help="average the last K checkpoints (§6.1: 5 base, 20 big)")
     parser.add_argument("--step", type=int, default=None, help="use the checkpoint of this step (default: latest)")
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--attention_impl", default=None, choices=["reference", "xla", "cudnn", "auto"],
+                        help="how attention is computed (default: the run's, or 'auto' where this device cannot run it)")
     parser.add_argument("--plot_attention", default=None, metavar="FILE.png",
                         help="draw the attention maps of one input line (--plot_line) into this PNG")
     parser.add_argument("--plot_line", type=int, default=1, help="which input line to draw (default: 1, the first)")
@@ -80,7 +82,7 @@ def main() -> int:
     from transformer.run.workdir import load_run_config
     from transformer.training import create_train_state
 
-    model_config, train_config = load_run_config(args.workdir)
+    model_config, train_config = load_run_config(args.workdir, args.attention_impl)
     tokenizer = load_tokenizer(args.workdir)
     if tokenizer is None:
         raise UserError(f"no tokenizer in {args.workdir}: --workdir must be the folder of a train.py run")
@@ -110,7 +112,7 @@ def main() -> int:
         score = corpus_bleu(hypotheses, references)
         print(f"BLEU {score.score:.2f}  {score.signature}", file=sys.stderr)
     if args.plot_attention is not None:
-        from transformer.decoding.translate import translation_attention
+        from transformer.decoding.text import translation_attention
         from transformer.models.attention_maps import layer_maps, plot_attention
 
         decoding = dict(beam_size=args.beam_size or train_config.beam_size,

@@ -171,3 +171,13 @@ def test_search_uses_the_special_ids_it_is_given(model):
     beams_r, scores_r = beam_search(relabelled, src, 3, 0.6, 4, **ids)
     np.testing.assert_array_equal(np.asarray(beams_r), perm[np.asarray(beams)])
     np.testing.assert_allclose(np.asarray(scores_r), np.asarray(scores), atol=1e-5)
+
+
+def test_each_public_name_is_one_thing():
+    # The package's `translate` is the search function, not a submodule of the same name.
+    import transformer.decoding as decoding
+    from transformer.decoding.search import translate
+
+    assert decoding.translate is translate and callable(decoding.translate)
+    for name in decoding.__all__:
+        assert callable(getattr(decoding, name)), name

@@ -2,7 +2,9 @@
 translation that does not depend on the other lines of its batch."""
 
 import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -229,6 +231,22 @@ def test_translate_py_warns_about_the_long_line_and_keeps_the_others(tmp_path):
     assert len(warnings) == 1 and warnings[0].startswith("warning: line 2 has ")
     assert warnings[0].endswith("tokens but the model takes at most 23 (max_len 24, with the end token): only its first "
                                 "23 are translated")
+    # A run trained with cuDNN attention (config.json says so) translates and averages on this CPU:
+    # the implementation is chosen where the model runs ('auto' here, with a note).
+    gpu_run = str(tmp_path / "gpu_run")
+    shutil.copytree(workdir, gpu_run)
+    with open(os.path.join(gpu_run, "config.json")) as f:
+        record = json.load(f)
+    record["model"].update(attention_impl="cudnn", dtype="bfloat16")  # as trained on a GPU
+    with open(os.path.join(gpu_run, "config.json"), "w") as f:
+        json.dump(record, f)
+    on_cpu = run("translate.py", "--workdir", gpu_run, stdin="ein hund\nder mann\n")
+    assert on_cpu.returncode == 0, on_cpu.stderr
+    assert len(on_cpu.stdout.splitlines()) == 2
+    assert "note: the run's attention_impl='cudnn' cannot run here" in on_cpu.stderr and "using 'auto'" in on_cpu.stderr
+    averaged = run("average_checkpoints.py", "--workdir", gpu_run, "--last", "1", "--output", str(tmp_path / "avg"))
+    assert averaged.returncode == 0, averaged.stderr
+    assert "Traceback" not in on_cpu.stderr + averaged.stderr
     # --layer and --head are checked against the run's model before its checkpoint is read.
     for flag, value, fragment in (("--layer", "2", "--layer 2 is not a layer of this model: choose 1 to 1"),
                                   ("--head", "0", "--head 0 is not a head of this model: choose 1 to 2")):

@@ -155,7 +155,7 @@ def _check_attention_plot(tmp_path, sources):
     from flax import nnx
 
     from transformer.data.tokenizer import load_tokenizer
-    from transformer.decoding.translate import translation_attention
+    from transformer.decoding.text import translation_attention
     from transformer.models.attention_maps import figure_pixels, layer_maps, plot_attention
     from transformer.run.checkpoint import load_params
     from transformer.run.workdir import load_run_config

@@ -3,7 +3,7 @@
 from transformer.decoding.search import (
     beam_search, check_decode_length, generate, greedy_decode, length_penalty, translate,
 )
-from transformer.decoding.translate import translate_batches
+from transformer.decoding.text import translate_batches, translation_attention
 
 __all__ = ["beam_search", "check_decode_length", "generate", "greedy_decode", "length_penalty", "translate",
-           "translate_batches"]
+           "translate_batches", "translation_attention"]

@@ -11,7 +11,8 @@ import socket
 import sys
 import time
 
-from transformer.config import TransformerConfig
+from transformer.config import ConfigError, TransformerConfig
+from transformer.nn.attention import resolve_attention_impl
 from transformer.run.cli import UserError
 from transformer.training.config import TrainConfig
 
@@ -148,8 +149,21 @@ def write_config_json(workdir: str, model_config: TransformerConfig, train_confi
     os.replace(path + ".tmp", path)
 
 
-def load_run_config(workdir: str) -> tuple[TransformerConfig, TrainConfig]:
+def load_run_config(workdir: str, attention_impl: str | None = None) -> tuple[TransformerConfig, TrainConfig]:
+    """The run's configs, its model config set to run on this machine: `attention_impl` if given, else
+    the run's where this device can run it, else "auto" with a note on standard error (a run trained
+    with cuDNN attention on a GPU is translated or averaged on a CPU). The implementation changes how
+    attention is computed, not the parameters (MODEL_MAY_CHANGE)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise UserError(f"{path} not found: --workdir must be the folder of a train.py run")
-    return _configs_from_json(_read_config_json(workdir), path)
+    model_config, train_config = _configs_from_json(_read_config_json(workdir), path)
+    if attention_impl is not None:
+        return dataclasses.replace(model_config, attention_impl=attention_impl), train_config
+    try:
+        resolve_attention_impl(model_config)
+    except ConfigError as err:
+        print(f"note: the run's attention_impl={model_config.attention_impl!r} cannot run here ({err}); "
+              f"using 'auto'", file=sys.stderr)
+        model_config = dataclasses.replace(model_config, attention_impl="auto")
+    return model_config, train_config
