@@ -184,7 +184,7 @@ class Trainer:
                                             packing=False, shuffle=False)
         # What computes attention in the training step (for attention_impl="auto", the choice made for
         # unpacked batches; packed rows' segment masks and the decoding step always go to XLA there).
-        self.attention_impl = resolve_attention_impl(self.model_config, dense_mask=cfg.packing)
+        self.attention_impl = resolve_attention_impl(self.model_config, dense_mask=cfg.packing, segment_ids=cfg.packing)
         self.checkpoints = Checkpoints(workdir, keep=cfg.keep_checkpoints)
         self.metrics = MetricsWriter(workdir, enabled=jax.process_index() == 0)
         self.state = state  # one copy; see the module docstring
