@@ -193,3 +193,18 @@ def test_train_py_default_dtype_is_bfloat16_on_tpu_only(backend, dtype):
     from transformer.run.cli import default_dtype
 
     assert default_dtype(backend) == dtype
+
+
+def test_bfloat16_kernel_is_within_bfloat16_rounding_of_the_float32_formula():
+    """bfloat16 is the compute default on a TPU: scores and softmax stay float32 in the kernel."""
+    q_tokens, k_tokens, mask = _case("causal", short=True)
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.normal(size=(B, n, 2, D_K)), jnp.float32)
+               for n in (q_tokens.shape[1], k_tokens.shape[1], k_tokens.shape[1]))
+    want = np.asarray(scaled_dot_product_attention(q, k, v, mask.to_dense(q.shape[1], k.shape[1])))
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    got = pallas.pallas_attention(*bf16, mask, interpret=True, max_block=128)
+    assert got.dtype == jnp.bfloat16
+    real = np.asarray(q_tokens) != 0
+    error = np.abs(np.asarray(got, np.float32) - want)[real]
+    assert error.max() < 3e-2 and error.mean() < 5e-3, (error.max(), error.mean())

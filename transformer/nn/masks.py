@@ -8,7 +8,8 @@ Two forms, one convention (True / inside means "query position q may attend to k
   a causal flag, and a dense boolean array only where nothing shorter says it (the segment ids of
   packed rows, the offset causal mask of a KV-cache decoding step). The reference attention turns
   it into one boolean array (`AttentionMask.to_dense`); cuDNN's flash attention takes the lengths
-  and the causal flag as they are, so that no `[b, h, q, k]` array is built for them.
+  and the causal flag as they are, so that no `[b, h, q, k]` array is built for them; the Pallas
+  kernel takes the causal flag and segment ids (packed rows' own, kept beside the dense part).
 
 Batches are right-padded (every row's real tokens come first, as transformer/data.py makes them),
 so a row's key padding is "key k >= its number of real tokens".
@@ -117,7 +118,7 @@ def self_attention_mask(
     tokens: Int[Array, "b l"], pad_id: int, *, causal: bool = False, segments: Int[Array, "b l"] | None = None
 ) -> AttentionMask:
     """Self-attention over right-padded rows: padding as lengths, §3.2.3 causality as a flag, and
-    for packed rows the segment ids as a dense mask."""
+    for packed rows the segment ids as a dense mask (and as they are, for the Pallas kernel)."""
     dense = None if segments is None else segment_mask(segments, segments)
     return AttentionMask(dense=dense, kv_lengths=real_lengths(tokens, pad_id), causal=causal,
                          q_segments=segments, kv_segments=segments)
