@@ -5,6 +5,7 @@ analysis, without allocating a single parameter.
     python benchmarks/memory.py                                   # base and big; pmap, fsdp=8, tensor=8
     python benchmarks/memory.py --models big --modes pmap fsdp=8 data=2,fsdp=4 --dtype bfloat16
     python benchmarks/memory.py --largest --output benchmarks/memory_cpu.json
+    python benchmarks/memory.py --dtype bfloat16 --largest --budget_gb 16 32 95   # TPU v5e / v4 / v5p HBM per chip
 
 Every input is abstract: the model is built under `nnx.eval_shape`, the Adam state by
 `jax.eval_shape(tx.init, …)`, and the step is lowered on `jax.ShapeDtypeStruct`s and compiled; only
