@@ -16,8 +16,8 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from transformer.config import ConfigError, TransformerConfig
-from transformer.nn.dropout import Dropout
 from transformer.nn import pallas_attention as pallas
+from transformer.nn.dropout import Dropout
 from transformer.nn.masks import AttentionMask, as_attention_mask
 from transformer.nn.partitioning import BATCH, EMBED, HEADS, KV, constrain
 
