@@ -58,7 +58,7 @@ def _stop_while_loading(signum, frame):
 
 def main() -> int:
     args = build_parser().parse_args()
-    from transformer.run.cli import Terminated, overrides_for
+    from transformer.run.cli import Terminated, default_dtype, overrides_for
     from transformer.config import TransformerConfig
     from transformer.parallel import distributed
     from transformer.parallel.mesh import ParallelConfig
@@ -67,15 +67,17 @@ def main() -> int:
 
     distributed.initialize(distributed.DistributedConfig(**overrides_for(args, distributed.DistributedConfig)))
     parallel = ParallelConfig(**overrides_for(args, ParallelConfig))
-    model_config = TransformerConfig.preset(args.config, **overrides_for(args, TransformerConfig))
+    import jax
+
+    # An explicit --dtype wins; without one, bfloat16 on a TPU and float32 elsewhere.
+    model_overrides = {"dtype": default_dtype(jax.default_backend()), **overrides_for(args, TransformerConfig)}
+    model_config = TransformerConfig.preset(args.config, **model_overrides)
     train_config = TrainConfig(**{**TRAIN_PRESETS[args.config], **overrides_for(args, TrainConfig)})
     workdir = args.workdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     started = time.time()
     phase, trainer = "start-up", None
     try:
         with Trainer(model_config, train_config, workdir, show_progress=not args.quiet, parallel=parallel) as trainer:
-            import jax
-
             where = f"{trainer.n_devices} device(s) ({trainer.devices[0].platform})"
             if jax.process_count() > 1:
                 where += f" in {jax.process_count()} processes"

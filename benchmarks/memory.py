@@ -5,6 +5,7 @@ analysis, without allocating a single parameter.
     python benchmarks/memory.py                                   # base and big; pmap, fsdp=8, tensor=8
     python benchmarks/memory.py --models big --modes pmap fsdp=8 data=2,fsdp=4 --dtype bfloat16
     python benchmarks/memory.py --largest --output benchmarks/memory_cpu.json
+    python benchmarks/memory.py --dtype bfloat16 --largest --budget_gb 16 32 95   # TPU v5e / v4 / v5p HBM per chip
 
 Every input is abstract: the model is built under `nnx.eval_shape`, the Adam state by
 `jax.eval_shape(tx.init, …)`, and the step is lowered on `jax.ShapeDtypeStruct`s and compiled; only
@@ -223,7 +224,9 @@ def main():
                         help="activation rematerialisation per layer (TransformerConfig.remat)")
     parser.add_argument("--largest", action="store_true",
                         help="also find the largest d_model of the family (module docstring) under --budget_gb")
-    parser.add_argument("--budget_gb", type=float, default=80.0, help="per-device budget, 10^9 bytes")
+    parser.add_argument("--budget_gb", type=float, nargs="+", default=[80.0],
+                        help="per-device budget(s), 10^9 bytes; several (e.g. 16 32 95, TPU v5e / v4 / v5p HBM) "
+                        "share their compiles")
     parser.add_argument("--largest_N", type=int, default=6, help="layers per side of the scaled family")
     parser.add_argument("--output", default=None, help="write the figures as JSON here")
     args = parser.parse_args()
@@ -261,10 +264,12 @@ def main():
         for r in results:  # the big model at the default N is the family's k=2: reuse its compile
             if r["model"] == "big" and args.largest_N == 6:
                 cache[(r["mode"], 2)] = r
-        for mode in args.modes:
-            print(f"largest model under {args.budget_gb:g} GB per device, {mode}:", flush=True)
-            searches.append(largest(mode, rows, args.length, args.devices, train_config, args.budget_gb * GB,
-                                    args.largest_N, overrides, cache, log))
+        for budget_gb in args.budget_gb:
+            for mode in args.modes:
+                print(f"largest model under {budget_gb:g} GB per device, {mode}:", flush=True)
+                search = largest(mode, rows, args.length, args.devices, train_config, budget_gb * GB,
+                                 args.largest_N, overrides, cache, log)
+                searches.append({**search, "budget_gb": budget_gb})
 
     print()
     print(f"Per-device bytes (GB = 10^9) of the training step, {rows}x{args.length} tokens per side, "
@@ -280,21 +285,22 @@ def main():
     if searches:
         print()
         print(f"Largest of the family N={args.largest_N}, d_model=512·k, d_ff=4·d_model, h=d_model/64 under "
-              f"{args.budget_gb:g} GB per device:")
+              f"each budget per device:")
         print()
-        print("| mode | largest d_model | parameters | its peak | next (d_model + 512) peak | compiled d_model |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| budget (GB) | mode | largest d_model | parameters | its peak | next (d_model + 512) peak | compiled d_model |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for s in searches:
             fit, nxt = s["fits"], s["next"]
-            print(f"| {s['mode']} | **{s['d_model']}** | {fit['parameters'] / 1e6:.0f} M | {fmt_gb(fit['peak_bytes'])} | "
+            print(f"| {s['budget_gb']:g} | {s['mode']} | **{s['d_model']}** | {fit['parameters'] / 1e6:.0f} M | {fmt_gb(fit['peak_bytes'])} | "
                   f"{fmt_gb(nxt['peak_bytes'])} | {', '.join(str(WIDTH_STEP * k) for k in s['compiled_k'])} |"
-                  if fit else f"| {s['mode']} | none (d_model 512 does not fit) | | | | |")
+                  if fit else f"| {s['budget_gb']:g} | {s['mode']} | none (d_model 512 does not fit) | | | | |")
     if args.output:
         device = jax.devices()[0]
         meta = {"device": f"{device.platform} {device.device_kind}", "devices": args.devices,
                 "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "jax": jax.__version__,
                 "backend": jax.default_backend(), "date": time.strftime("%Y-%m-%d"),
-                "command": "python " + " ".join(sys.argv), "gb": GB, "budget_gb": args.budget_gb}
+                "command": "python " + " ".join(sys.argv), "gb": GB,
+                "budget_gb": args.budget_gb[0] if len(args.budget_gb) == 1 else args.budget_gb}
         with open(args.output, "w") as f:
             json.dump({"meta": meta, "rows": results, "skipped": skipped, "largest": searches}, f, indent=2,
                       default=float)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-ATTENTION_IMPLS = ("reference", "xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("reference", "xla", "cudnn", "pallas", "auto")
 POSITIONAL_ENCODINGS = ("sinusoidal", "learned")
 NORM_POSITIONS = ("post", "pre")
 DTYPES = ("float32", "bfloat16")
@@ -53,9 +53,11 @@ class TransformerConfig:
     norm_position: Literal["post", "pre"] = "post"
     # Which code computes §3.2.1 (transformer/nn/attention.py): "reference" (the formula written out),
     # "xla" or "cudnn" (jax.nn.dot_product_attention with that implementation; "cudnn" is cuDNN's
-    # flash attention and needs a GPU), or "auto" (cuDNN where it supports the device, dtype, head
-    # size and mask, else XLA; never fails). `attention.resolve_attention_impl` says what runs.
-    attention_impl: Literal["reference", "xla", "cudnn", "auto"] = "reference"
+    # flash attention and needs a GPU), "pallas" (JAX's Pallas splash-attention kernel for TPUs,
+    # nn/pallas_attention.py; interpret mode, slow, on other devices), or "auto" (on a TPU the
+    # Pallas kernel, elsewhere cuDNN where it supports the device, dtype, head size and mask; else
+    # XLA; never fails). `attention.resolve_attention_impl` says what runs.
+    attention_impl: Literal["reference", "xla", "cudnn", "pallas", "auto"] = "reference"
     # Compute dtype of activations and matrix multiplies; parameters, optimizer state, gradients,
     # logits, softmax and LayerNorm statistics stay float32 (README.md, "Precision").
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -89,10 +91,11 @@ class TransformerConfig:
                 "attention_impl='fused' was renamed: use 'xla' (what 'fused' ran), 'cudnn' (cuDNN flash "
                 "attention, GPU only), 'auto' (the fastest the device supports) or 'reference'"
             )
-        if self.attention_impl in ("xla", "cudnn") and self.attention_dropout_rate > 0:
+        if self.attention_impl in ("xla", "cudnn", "pallas") and self.attention_dropout_rate > 0:
             raise ConfigError(
                 f"attention_dropout_rate > 0 needs attention_impl='reference' or 'auto' "
-                f"(jax.nn.dot_product_attention has no dropout); got attention_impl={self.attention_impl!r}"
+                f"(jax.nn.dot_product_attention and the Pallas kernel have no dropout); "
+                f"got attention_impl={self.attention_impl!r}"
             )
         if self.attention_impl == "cudnn" and (self.dtype != "bfloat16" or self.kernel_head_size % 8
                                                or self.kernel_head_size > 256):

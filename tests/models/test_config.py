@@ -41,7 +41,7 @@ def test_frozen_and_replace():
         (dict(pad_id=99), ["pad_id", "vocab_size=64"]),
         (dict(norm_position="middle"), ["norm_position", "post, pre"]),
         (dict(dtype="float16"), ["dtype", "float32, bfloat16"]),
-        (dict(attention_impl="flash"), ["attention_impl", "reference, xla, cudnn, auto"]),
+        (dict(attention_impl="flash"), ["attention_impl", "reference, xla, cudnn, pallas, auto"]),
         # A config written before the rename says what each new value runs.
         (dict(attention_impl="fused"), ["'fused' was renamed", "'xla'", "'cudnn'", "'auto'", "'reference'"]),
         (dict(attention_impl="xla", attention_dropout_rate=0.1), ["attention_impl='reference' or 'auto'"]),

@@ -16,6 +16,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from transformer.config import ConfigError, TransformerConfig
+from transformer.nn import pallas_attention as pallas
 from transformer.nn.dropout import Dropout
 from transformer.nn.masks import AttentionMask, as_attention_mask
 from transformer.nn.partitioning import BATCH, EMBED, HEADS, KV, constrain
@@ -57,7 +58,7 @@ def scaled_dot_product_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
-IMPLEMENTATIONS = ("reference", "xla", "cudnn")
+IMPLEMENTATIONS = ("reference", "xla", "cudnn", "pallas")
 
 # cuDNN's flash attention (jax._src.cudnn.fused_attention_stablehlo.check_is_flash_attention): fp16/bf16
 # inputs, a head size that is a multiple of 8 and at most 128 (256 from Hopper on; 128 is the size
@@ -67,16 +68,26 @@ _CUDNN_MAX_HEAD_SIZE = 128
 
 
 def resolve_attention_impl(
-    config: TransformerConfig, backend: str | None = None, *, dense_mask: bool = False
+    config: TransformerConfig, backend: str | None = None, *, dense_mask: bool = False, segment_ids: bool = False
 ) -> str:
-    """The implementation that computes attention: "reference", "xla" or "cudnn".
+    """The implementation that computes attention: "reference", "xla", "cudnn" or "pallas".
 
-    `config.attention_impl` as it is, except "auto": cuDNN's flash attention where it serves the
-    backend (default `jax.default_backend()`), the compute dtype (bf16/fp16), the head size
-    (`config.kernel_head_size`, max(d_k, d_v)) and the mask (padding and causality only; `dense_mask=True` stands for the segment masks of packed
-    rows and the KV-cache decoding step, which go to XLA), else XLA; and the reference formula when
-    attention dropout is on, which only it implements. "cudnn" on a backend other than "gpu" raises
-    ConfigError.
+    `dense_mask=True` says that the mask has a dense part: the segment masks of packed rows (then
+    also `segment_ids=True`: the segment ids come with it) or the KV-cache decoding step's offset
+    causality (`segment_ids=False`).
+
+    `config.attention_impl` as it is, except:
+    - "auto": on a TPU, the Pallas splash-attention kernel (`nn/pallas_attention.py`) where this JAX
+      has it and the mask is padding, causality and segment ids (not the decoding step's), else XLA;
+      elsewhere cuDNN's flash attention where it serves the backend (default `jax.default_backend()`),
+      the compute dtype (bf16/fp16), the head size (`config.kernel_head_size`, max(d_k, d_v))
+      and the mask (padding and causality only),
+      else XLA; and the reference formula when attention dropout is on, which only it implements.
+    - "pallas": compiled by Mosaic on a TPU and run in Pallas interpret mode on any other backend
+      (slow: it is how the CPU tests prove the kernel); the KV-cache decoding step's mask, which the
+      kernel cannot take, goes to XLA (one query per row: there are no scores to save). A JAX
+      without the kernel raises ConfigError.
+    - "cudnn" on a backend other than "gpu" raises ConfigError.
     """
     backend = jax.default_backend() if backend is None else backend
     impl = config.attention_impl
@@ -84,10 +95,18 @@ def resolve_attention_impl(
         raise ConfigError(
             f"attention_impl='cudnn' needs a GPU but JAX runs on {backend!r}: use attention_impl='auto' or 'xla'"
         )
+    if impl == "pallas" and pallas.unavailable_reason() is not None:
+        raise ConfigError(f"attention_impl='pallas' cannot run: {pallas.unavailable_reason()}; install a JAX that "
+                          "has it (pip install -U jax) or use attention_impl='auto' or 'xla'")
+    pallas_serves = pallas.unavailable_reason() is None and (not dense_mask or segment_ids)
+    if impl == "pallas":
+        return "pallas" if pallas_serves else "xla"
     if impl != "auto":
         return impl
     if config.attention_dropout_rate > 0:
         return "reference"
+    if backend == "tpu":
+        return "pallas" if pallas_serves else "xla"
     cudnn_serves = (
         backend == "gpu"
         and config.dtype in _CUDNN_DTYPES
@@ -209,8 +228,11 @@ class MultiHeadAttention(nnx.Module):
         `mask` is an `AttentionMask` (transformer/masks.py) or a boolean array (True = may attend).
         """
         mask = as_attention_mask(mask)
-        impl = resolve_attention_impl(self.config, dense_mask=mask.dense is not None)
-        if impl == "reference":
+        impl = resolve_attention_impl(self.config, dense_mask=mask.dense is not None,
+                                      segment_ids=mask.dense is not None and mask.dense_is_segments)
+        if impl == "pallas":
+            heads = pallas.pallas_attention(q, k, v, mask, interpret=jax.default_backend() != "tpu")
+        elif impl == "reference":
             dropout = None
             if self.config.attention_dropout_rate > 0 and not deterministic:
                 dropout = lambda w: self.weights_dropout(w, deterministic=False, rngs=rngs)  # noqa: E731

@@ -8,7 +8,8 @@ Two forms, one convention (True / inside means "query position q may attend to k
   a causal flag, and a dense boolean array only where nothing shorter says it (the segment ids of
   packed rows, the offset causal mask of a KV-cache decoding step). The reference attention turns
   it into one boolean array (`AttentionMask.to_dense`); cuDNN's flash attention takes the lengths
-  and the causal flag as they are, so that no `[b, h, q, k]` array is built for them.
+  and the causal flag as they are, so that no `[b, h, q, k]` array is built for them; the Pallas
+  kernel takes the causal flag and segment ids (packed rows' own, kept beside the dense part).
 
 Batches are right-padded (every row's real tokens come first, as transformer/data.py makes them),
 so a row's key padding is "key k >= its number of real tokens".
@@ -66,11 +67,21 @@ class AttentionMask:
     dense: a boolean `[b, 1 or h, q, k]` array (True = may attend), or None.
     kv_lengths: `[b]` int32; key k of row b is padding iff k >= kv_lengths[b]; None = no padding.
     causal: query i may attend to keys 0 … i only (§3.2.3; queries and keys start at position 0).
+    q_segments, kv_segments: for packed rows, the segment ids that `dense` was built from
+    (`segment_mask(q_segments, kv_segments)`, 0 = padding), kept for the Pallas kernel, which takes
+    segment ids rather than a mask (`nn/pallas_attention.py`); None where `dense` is anything else.
     """
 
     dense: Bool[Array, "b #h q k"] | None = None
     kv_lengths: Int[Array, "b"] | None = None
     causal: bool = flax.struct.field(pytree_node=False, default=False)
+    q_segments: Int[Array, "b q"] | None = None
+    kv_segments: Int[Array, "b k"] | None = None
+
+    @property
+    def dense_is_segments(self) -> bool:
+        """Whether the dense part (if any) is exactly the segment mask of `q_segments`/`kv_segments`."""
+        return self.dense is None or (self.q_segments is not None and self.kv_segments is not None)
 
     def to_dense(self, q_len: int, k_len: int) -> Bool[Array, "#b 1 q k"] | None:
         """The same description as one boolean array (None when nothing is masked)."""
@@ -86,10 +97,15 @@ class AttentionMask:
     def __and__(self, other: "AttentionMask") -> "AttentionMask":
         lengths = [x for x in (self.kv_lengths, other.kv_lengths) if x is not None]
         dense = [x for x in (self.dense, other.dense) if x is not None]
+        # Segment ids survive only where the combined dense part is still one segment mask.
+        segmented = [m for m in (self, other) if m.dense is not None]
+        keep = segmented[0] if len(segmented) == 1 and segmented[0].dense_is_segments else None
         return AttentionMask(
             dense=None if not dense else dense[0] if len(dense) == 1 else dense[0] & dense[1],
             kv_lengths=None if not lengths else lengths[0] if len(lengths) == 1 else jnp.minimum(*lengths),
             causal=self.causal or other.causal,
+            q_segments=None if keep is None else keep.q_segments,
+            kv_segments=None if keep is None else keep.kv_segments,
         )
 
 
@@ -102,9 +118,10 @@ def self_attention_mask(
     tokens: Int[Array, "b l"], pad_id: int, *, causal: bool = False, segments: Int[Array, "b l"] | None = None
 ) -> AttentionMask:
     """Self-attention over right-padded rows: padding as lengths, §3.2.3 causality as a flag, and
-    for packed rows the segment ids as a dense mask."""
+    for packed rows the segment ids as a dense mask (and as they are, for the Pallas kernel)."""
     dense = None if segments is None else segment_mask(segments, segments)
-    return AttentionMask(dense=dense, kv_lengths=real_lengths(tokens, pad_id), causal=causal)
+    return AttentionMask(dense=dense, kv_lengths=real_lengths(tokens, pad_id), causal=causal,
+                         q_segments=segments, kv_segments=segments)
 
 
 def cross_attention_mask(
@@ -115,8 +132,10 @@ def cross_attention_mask(
 ) -> AttentionMask:
     """Encoder-decoder attention: every target position may see every real source position (and,
     for packed rows, only those of its own example)."""
-    dense = None if q_segments is None or k_segments is None else segment_mask(q_segments, k_segments)
-    return AttentionMask(dense=dense, kv_lengths=real_lengths(k_tokens, pad_id))
+    packed = q_segments is not None and k_segments is not None
+    dense = segment_mask(q_segments, k_segments) if packed else None
+    return AttentionMask(dense=dense, kv_lengths=real_lengths(k_tokens, pad_id),
+                         q_segments=q_segments if packed else None, kv_segments=k_segments if packed else None)
 
 
 def attention_masks(

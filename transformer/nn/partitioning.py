@@ -60,3 +60,13 @@ def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
     if not _ACTIVATION_RULES:
         return x
     return jax.lax.with_sharding_constraint(x, _ACTIVATION_RULES[-1](axes, x.shape))
+
+
+def activation_layout(shape: tuple[int, ...], *axes: str | None) -> jax.sharding.NamedSharding | None:
+    """The sharding `constrain` would pin an activation of this shape and these logical axes to (its
+    `.mesh` and `.spec`), or None outside a mesh step: for code that splits its work by hand
+    (`jax.shard_map` around the Pallas attention kernel, `nn/pallas_attention.py`)."""
+    if not _ACTIVATION_RULES:
+        return None
+    return _ACTIVATION_RULES[-1](axes, tuple(shape))
+

@@ -85,6 +85,13 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip=(
         group.add_argument(f"--{field.name}", **kwargs)
 
 
+def default_dtype(backend: str) -> str:
+    """The compute dtype of a run given no --dtype: "bfloat16" on a TPU (the matrix units' own type;
+    float32 matrix products take several bfloat16 passes there), "float32" on any other backend.
+    Parameters and optimizer state stay float32 either way (README.md, "Precision")."""
+    return "bfloat16" if backend == "tpu" else "float32"
+
+
 def overrides_for(args: argparse.Namespace, cls) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
 

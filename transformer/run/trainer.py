@@ -183,8 +183,9 @@ class Trainer:
         self.eval_plan = data_lib.BatchPlan(self.eval_examples, cfg.batch_tokens, cfg.max_length, multiple,
                                             packing=False, shuffle=False)
         # What computes attention in the training step (for attention_impl="auto", the choice made for
-        # unpacked batches; packed rows' segment masks and the decoding step always go to XLA there).
-        self.attention_impl = resolve_attention_impl(self.model_config, dense_mask=cfg.packing)
+        # this run's batches: packed rows' segment masks go to XLA except on a TPU, where the Pallas
+        # kernel takes their segment ids; the decoding step always goes to XLA).
+        self.attention_impl = resolve_attention_impl(self.model_config, dense_mask=cfg.packing, segment_ids=cfg.packing)
         self.checkpoints = Checkpoints(workdir, keep=cfg.keep_checkpoints)
         self.metrics = MetricsWriter(workdir, enabled=jax.process_index() == 0)
         self.state = state  # one copy; see the module docstring
