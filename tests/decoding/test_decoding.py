@@ -56,10 +56,32 @@ def test_greedy_through_cache_equals_repeated_full_argmax(model):
     assert (tokens[end + 1 :] == PAD_ID).all()
 
 
-def test_beam_of_one_is_greedy(model):
-    greedy, _ = greedy_decode(model, SRC, max_extra=6, **IDS)
-    beams, _ = beam_search(model, SRC, beam_size=1, alpha=0.6, max_extra=6, **IDS)
-    np.testing.assert_array_equal(np.asarray(beams)[:, 0], np.asarray(greedy))
+def test_beam_of_one_scores_at_least_greedy(model):
+    # Greedy's hypothesis is always among beam search's candidates (the live beam follows the most
+    # likely token that does not end), so the beam's best scores at least as well under the
+    # objective log P / lp; where both chose the same tokens, the scores agree.
+    alpha = 0.6
+    greedy, greedy_log_prob = greedy_decode(model, SRC, max_extra=6, **IDS)
+    beams, scores = beam_search(model, SRC, beam_size=1, alpha=alpha, max_extra=6, **IDS)
+    greedy, beams = np.asarray(greedy), np.asarray(beams)[:, 0]
+    for row in range(SRC.shape[0]):
+        length = list(greedy[row]).index(EOS_ID) + 1
+        greedy_score = float(greedy_log_prob[row]) / float(length_penalty(jnp.array(length), alpha))
+        assert float(scores[row, 0]) >= greedy_score - 1e-5
+        if (beams[row] == greedy[row]).all():
+            np.testing.assert_allclose(float(scores[row, 0]), greedy_score, atol=1e-5)
+
+
+def test_beams_share_the_encoder_keys_and_values_of_their_source(model):
+    cache = model.init_cache(model.encode(SRC), max_len=9, beams=3)
+    assert cache[0]["k"].shape[0] == 2 * 3 and cache[0]["cross_k"].shape[0] == 2
+    # Three hypotheses per source step through the cache as rows of their own (of one source adjacent),
+    # each as it would alone.
+    tgt = jnp.array([[BOS_ID], [BOS_ID], [BOS_ID], [BOS_ID], [BOS_ID], [BOS_ID]], jnp.int32)
+    shared, _ = model.decode_step(tgt, SRC, cache, 0)
+    alone, _ = model.decode_step(tgt[:2], SRC, model.init_cache(model.encode(SRC), max_len=9), 0)
+    np.testing.assert_allclose(np.asarray(shared).reshape(2, 3, 1, -1), np.repeat(np.asarray(alone)[:, None], 3, 1),
+                               atol=1e-5)
 
 
 def _sequence_log_prob(model, src, seq):

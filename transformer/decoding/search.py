@@ -10,7 +10,9 @@ Search is given the begin and end ids (`bos_id`, `eos_id`: the tokenizer's) and 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -116,8 +118,26 @@ def greedy_decode(
 
 
 def _gather_beams(x: jax.Array, parents: jax.Array) -> jax.Array:
-    """x [b, k, …] reordered along the beam axis by parents [b, k]."""
+    """x [b, k, …] -> [b, n, …]: for each source, the beams that parents [b, n] name."""
     return jnp.take_along_axis(x, parents.reshape(*parents.shape, *([1] * (x.ndim - 2))), axis=1)
+
+
+@flax.struct.dataclass
+class BeamState:
+    """The loop state of `beam_search` (b sources, k beams, L = source length + max_extra slots).
+
+    k live hypotheses and, apart from them, the k best finished ones per source, as in
+    tensor2tensor, fairseq and Flax's WMT example: a hypothesis that ends leaves the beam to the
+    finished set, so k hypotheses stay live until the search stops."""
+
+    i: jax.Array  # []: tokens decoded so far; the next one goes to slot i + 1
+    live_seqs: jax.Array  # [b, k, L + 1] int32: the begin token, then each live hypothesis's tokens
+    live_log_probs: jax.Array  # [b, k] float32: log P(hypothesis); <= NEG_INF / 2 for none
+    finished_seqs: jax.Array  # [b, k, L + 1] int32: ended hypotheses (end token, then padding), best first
+    finished_scores: jax.Array  # [b, k] float32: log P / lp(length); NEG_INF for an empty slot
+    carried: Any  # (None, the decoder's cache: self-attention keys/values per live beam [b·k, L, h, d],
+    #              encoder-decoder keys/values once per source [b, s, h, d]); without the cache,
+    #              (the encoder output per beam [b·k, s, m], None)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "beam", "alpha", "max_extra", "use_cache", "bos_id", "eos_id"))
@@ -127,55 +147,74 @@ def _beam_search(graphdef, params, src, beam: int, alpha: float, max_extra: int,
     pad_id = model.config.pad_id
     batch, max_len = src.shape[0], src.shape[1] + max_extra
     vocab = model.config.vocab_size
-    limits = jnp.repeat(_output_limits(src, max_extra, pad_id), beam)  # [b·k]
-    flat_src = jnp.repeat(src, beam, axis=0)  # beams of one input are adjacent: [b·k, s]
+    limits = _output_limits(src, max_extra, pad_id)  # [b]
+    # The best score a live hypothesis of log P = x can still reach is x / lp(its limit): log P only
+    # falls as tokens are added, and lp grows with the length (α >= 0).
+    best_reachable_lp = length_penalty(limits, alpha)  # [b]
+
+    # The encoder runs once per source. With the cache, the beams of a source share its
+    # encoder-decoder keys/values (the decoder stacks their queries: `DecoderLayer`); without it
+    # (the baseline the cache is measured against), the decoder takes one memory row per beam.
+    memory = model.encode(src)
+    if use_cache:
+        carried, step_src = (None, model.init_cache(memory, max_len, beams=beam)), src
+    else:
+        carried, step_src = (jnp.repeat(memory, beam, axis=0), None), jnp.repeat(src, beam, axis=0)
+
     seqs = jnp.full((batch, beam, max_len + 1), pad_id, jnp.int32).at[:, :, 0].set(bos_id)
-    # Only the first beam is live at the start, so the k beams do not all repeat one hypothesis.
-    scores = jnp.full((batch, beam), NEG_INF).at[:, 0].set(0.0)  # log P of each hypothesis
-    lengths = jnp.zeros((batch, beam), jnp.int32)
-    finished = jnp.zeros((batch, beam), bool).at[:, 1:].set(True)
+    state = BeamState(
+        i=jnp.zeros((), jnp.int32),
+        live_seqs=seqs,
+        # Only the first beam is live at the start, so the k beams do not all repeat one hypothesis.
+        live_log_probs=jnp.full((batch, beam), NEG_INF).at[:, 0].set(0.0),
+        finished_seqs=seqs,
+        finished_scores=jnp.full((batch, beam), NEG_INF),
+        carried=carried,
+    )
 
-    def cond(carry):
-        i, _, _, _, _, finished = carry
-        return (i < max_len) & ~finished.all()
+    def cond(state: BeamState):
+        return (state.i < max_len) & (state.live_log_probs > NEG_INF / 2).any()
 
-    def body(carry):
-        i, seqs, carried, scores, lengths, finished = carry
-        log_p, (memory, cache) = _next_log_probs(
-            model, flat_src, seqs.reshape(batch * beam, -1), i, carried, use_cache, bos_id
-        )  # [b·k, V]
-        at_limit = (i + 1 >= limits)[:, None]
-        log_p = jnp.where(at_limit & (jnp.arange(vocab) != eos_id)[None, :], NEG_INF, log_p).reshape(batch, beam, vocab)
-        # A live hypothesis extends by any token; a finished one only "extends" by padding, unchanged.
-        extend = scores[..., None] + log_p
-        keep = jnp.where((jnp.arange(vocab) == pad_id)[None, None, :], scores[..., None], NEG_INF)
-        cand_scores = jnp.where(finished[..., None], keep, extend)  # [b, k, V]
-        cand_lengths = jnp.where(finished, lengths, i + 1)[..., None]
-        rank = cand_scores / length_penalty(cand_lengths, alpha)
-        rank = jnp.where(cand_scores <= NEG_INF / 2, NEG_INF, rank)
-        _, flat_best = jax.lax.top_k(rank.reshape(batch, beam * vocab), beam)
-        parents, tokens = flat_best // vocab, flat_best % vocab
-        seqs = _gather_beams(seqs, parents)
-        seqs = jax.lax.dynamic_update_slice_in_dim(seqs, tokens[..., None], i + 1, axis=2)
-        scores = jnp.take_along_axis(cand_scores.reshape(batch, -1), flat_best, axis=1)
-        was_finished = _gather_beams(finished, parents)
-        lengths = jnp.where(was_finished, _gather_beams(lengths, parents), i + 1)
-        finished = was_finished | (tokens == eos_id) | (scores <= NEG_INF / 2)
-        if cache is not None:  # each surviving hypothesis takes its parent's keys/values
-            flat_parents = (parents + beam * jnp.arange(batch)[:, None]).reshape(-1)
-            cache = [
-                {name: (a if name.startswith("cross") else a[flat_parents]) for name, a in layer.items()}
-                for layer in cache
-            ]
-        return i + 1, seqs, (memory, cache), scores, lengths, finished
+    def body(state: BeamState):
+        i = state.i
+        log_p, (memory, cache) = _next_log_probs(model, step_src, state.live_seqs.reshape(batch * beam, -1), i,
+                                                 state.carried, use_cache, bos_id)
+        log_p = log_p.reshape(batch, beam, vocab)
+        # At its length limit (§6.1: input length + max_extra) a hypothesis can only end.
+        at_limit = (i + 1 >= limits)[:, None, None]
+        log_p = jnp.where(at_limit & (jnp.arange(vocab) != eos_id)[None, None, :], NEG_INF, log_p)
 
-    carried = _start_decoder(model, flat_src, max_len, use_cache)
-    init = (jnp.zeros((), jnp.int32), seqs, carried, scores, lengths, finished)
-    _, seqs, _, scores, lengths, _ = jax.lax.while_loop(cond, body, init)
-    normalized = scores / length_penalty(lengths, alpha)
-    order = jnp.argsort(-normalized, axis=1)
-    return (jnp.take_along_axis(seqs[:, :, 1:], order[..., None], axis=1),
-            jnp.take_along_axis(normalized, order, axis=1))
+        # 2k candidates: even if k of them end, k remain to continue.
+        candidates = (state.live_log_probs[..., None] + log_p).reshape(batch, beam * vocab)
+        cand_log_probs, flat_best = jax.lax.top_k(candidates, 2 * beam)
+        parents, tokens = flat_best // vocab, flat_best % vocab  # [b, 2k]
+        cand_seqs = jax.lax.dynamic_update_slice_in_dim(_gather_beams(state.live_seqs, parents), tokens[..., None],
+                                                        i + 1, axis=2)
+        alive = cand_log_probs > NEG_INF / 2
+        ended = tokens == eos_id
+
+        # Those that end join the finished set, ranked by log P / lp(length); the set keeps its best k.
+        ended_scores = jnp.where(ended & alive, cand_log_probs / length_penalty(i + 1, alpha), NEG_INF)
+        finished_scores, best = jax.lax.top_k(jnp.concatenate([state.finished_scores, ended_scores], axis=1), beam)
+        finished_seqs = _gather_beams(jnp.concatenate([state.finished_seqs, cand_seqs], axis=1), best)
+
+        # The k most likely that go on are the new live beams.
+        live_log_probs, best = jax.lax.top_k(jnp.where(ended, NEG_INF, cand_log_probs), beam)
+        live_seqs = _gather_beams(cand_seqs, best)
+        # A source is done when no live hypothesis can still enter its finished set (ties cannot
+        # change it): its live beams are dropped, so that nothing it has changes from here on.
+        done = (live_log_probs[:, 0] / best_reachable_lp <= finished_scores[:, -1])[:, None]
+        live_log_probs = jnp.where(done, NEG_INF, live_log_probs)
+
+        if use_cache:  # each new live beam takes its parent's self-attention keys/values
+            flat_parents = (_gather_beams(parents, best) + beam * jnp.arange(batch)[:, None]).reshape(-1)
+            cache = [{name: (a if name.startswith("cross") else a[flat_parents]) for name, a in layer.items()}
+                     for layer in cache]
+        return BeamState(i=i + 1, live_seqs=live_seqs, live_log_probs=live_log_probs, finished_seqs=finished_seqs,
+                         finished_scores=finished_scores, carried=(memory, cache))
+
+    state = jax.lax.while_loop(cond, body, state)
+    return state.finished_seqs[:, :, 1:], state.finished_scores
 
 
 def beam_search(
@@ -183,7 +222,13 @@ def beam_search(
     use_cache: bool = True, *, bos_id: int, eos_id: int,
 ) -> tuple[Int[Array, "b k l"], Float[Array, "b k"]]:
     """§6.1 beam search. Returns the beam_size best hypotheses per input, best first ([b, k, l],
-    eos_id then padding after each end), and their scores log P(Y) / lp(Y).
+    eos_id then padding after each end), and their scores log P(Y) / lp(Y) (NEG_INF where fewer
+    than beam_size hypotheses exist).
+
+    k live hypotheses and a separate set of the k best finished ones per input (`BeamState`); an
+    input stops once no live hypothesis can beat its k-th finished one under the length penalty
+    (and at its length limit), the loop once every input has stopped. The encoder runs once per
+    input, and with the cache its beams share the encoder-decoder keys/values.
     s + max_extra must not exceed model.config.max_len (ValueError otherwise: `check_decode_length`)."""
     src = jnp.asarray(src, jnp.int32)
     check_decode_length(model.config, src.shape[-1], max_extra)

@@ -18,7 +18,7 @@ from transformer.config import TransformerConfig
 from transformer.nn.embeddings import InputEmbedding, PreSoftmaxProjection, TokenEmbedding
 from transformer.nn.layers import Decoder, Encoder, LayerCache
 from transformer.nn.partitioning import CLASSES, EMBED, annotate
-from transformer.nn.masks import attention_masks, causal_mask, padding_mask, self_attention_mask
+from transformer.nn.masks import attention_masks, causal_mask, cross_attention_mask, self_attention_mask
 
 
 def check_tokens(name: str, tokens, config: TransformerConfig, batch: int | None = None) -> None:
@@ -119,25 +119,29 @@ class Transformer(nnx.Module):
         y, _ = self.decoder(y, memory, dec_self_mask, cross_mask, **run)
         return self.logits(y)
 
-    def init_cache(self, memory: Float[Array, "b s m"], max_len: int) -> list[LayerCache]:
-        """Per-layer caches for incremental decoding of up to max_len target positions."""
-        return self.decoder.init_cache(memory.shape[0], max_len, memory, self.config.compute_dtype)
+    def init_cache(self, memory: Float[Array, "b s m"], max_len: int, beams: int = 1) -> list[LayerCache]:
+        """Per-layer caches for incremental decoding of up to max_len target positions, for `beams`
+        hypotheses per source: self-attention keys/values of b·beams rows, the encoder-decoder
+        keys/values once per source (b rows)."""
+        return self.decoder.init_cache(memory.shape[0] * beams, max_len, memory, self.config.compute_dtype)
 
     def decode_step(
         self,
-        tgt_tokens: Int[Array, "b t"],
+        tgt_tokens: Int[Array, "bk t"],
         src_tokens: Int[Array, "b s"],
         cache: list[LayerCache],
         index: jax.Array | int,
-    ) -> tuple[Float[Array, "b t v"], list[LayerCache]]:
+    ) -> tuple[Float[Array, "bk t v"], list[LayerCache]]:
         """Logits for t new target tokens at positions index … index+t-1, from and into the cache
-        (the encoder output is already in the cache as the encoder-decoder keys/values)."""
+        (the encoder output is already in the cache as the encoder-decoder keys/values). The target
+        may have k rows per source (beam search's hypotheses, those of one source adjacent): they
+        share the source's encoder-decoder keys/values, which the cache holds once."""
         max_len = cache[0]["k"].shape[1]
         positions = jnp.broadcast_to(index + jnp.arange(tgt_tokens.shape[1]), tgt_tokens.shape)
         # Dense masks: a cached step's causality is offset by `index`, which is_causal cannot say
         # (attention_impl="auto" sends dense masks to XLA; one query per row is memory-bound anyway).
         self_mask = causal_mask(tgt_tokens.shape[1], max_len, offset=index)
-        cross_mask = padding_mask(tgt_tokens, src_tokens, self.config.pad_id)
+        cross_mask = cross_attention_mask(src_tokens, self.config.pad_id)  # per source: [b] lengths
         y = self.tgt_embed(tgt_tokens, positions)
         y, cache = self.decoder(y, None, self_mask, cross_mask, cache=cache, cache_index=index)
         return self.logits(y), cache

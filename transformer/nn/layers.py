@@ -114,7 +114,9 @@ class DecoderLayer(nnx.Module):
 
         With `cache`: the t new positions start at `cache_index`; their keys/values are written into
         the cache, attention runs over all max_len cached positions (`self_mask` covers [t, max_len]),
-        and the encoder-decoder keys/values are read from the cache instead of `memory`.
+        and the encoder-decoder keys/values are read from the cache instead of `memory`. The cache's
+        encoder-decoder keys/values may have fewer rows than x, one per source for `x.shape[0] //
+        rows` adjacent rows of x (beam search's hypotheses of one source).
         Returns the output and the updated cache (None without one).
         """
         run = dict(deterministic=deterministic, rngs=rngs)
@@ -131,11 +133,17 @@ class DecoderLayer(nnx.Module):
 
         def cross_attention(y):
             q = self.cross_attention.project_query(y)
-            if cache is not None:
-                k, v = cache["cross_k"], cache["cross_v"]
-            else:
+            if cache is None:
                 k, v = self.cross_attention.project_key_value(memory)
-            return self.cross_attention.attend(q, k, v, cross_mask, **run)
+                return self.cross_attention.attend(q, k, v, cross_mask, **run)
+            k, v = cache["cross_k"], cache["cross_v"]
+            # Beam search keeps one copy of each source's keys/values for its `beams` hypotheses
+            # (rows of one source adjacent): their queries are stacked on the query axis and attend
+            # to that source together, as one row [b, beams·t] (cross_mask is per source, [b, 1, 1, s]).
+            beams = q.shape[0] // k.shape[0]
+            stacked = q.reshape(k.shape[0], beams * q.shape[1], *q.shape[2:])
+            out = self.cross_attention.attend(stacked, k, v, cross_mask, **run)
+            return out.reshape(q.shape[0], q.shape[1], out.shape[-1])
 
         x = self.self_attention_residual(x, self_attention, **run)
         if self.cross_attention is not None:
