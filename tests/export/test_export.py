@@ -249,3 +249,30 @@ def test_ctranslate2_missing_is_one_line_that_says_how_to_install_it(workdir, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("export.py: error: ") and "pip install ctranslate2" in err[0]
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("norm_position", ["post", "pre"])
+def test_ctranslate2_uses_the_runs_layer_norm_epsilon(tmp_path, norm_position):
+    # LayerNorm inputs of variance ~1e-6 (tiny embeddings, learned positions): there ε = 1e-6 and
+    # CTranslate2's default 1e-5 give log-probabilities apart by ~4e-4 (measured), far above the tolerance.
+    ctranslate2 = pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (pip install ctranslate2)")
+    from flax import nnx
+
+    from transformer import Transformer, TransformerConfig
+    from transformer.data.tokenizer import CharTokenizer
+    from transformer.export.ctranslate2 import export_ctranslate2
+
+    tokenizer = CharTokenizer("abcdefgh")
+    tokenizer.save(str(tmp_path))
+    config = TransformerConfig.tiny(vocab_size=tokenizer.vocab_size, d_model=32, d_ff=64, h=4, N=1, max_len=32,
+                                    dropout_rate=0.0, positional_encoding="learned", norm_position=norm_position)
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    for table in (model.src_embed.position_embedding, model.tgt_embed.position_embedding,
+                  model.src_embed.token_embedding.embedding):
+        table[...] = table[...] * 1e-3
+    export_ctranslate2(model, tokenizer, str(tmp_path / "chars.json"), str(tmp_path / "ct2"))
+    result = ctranslate2.Translator(str(tmp_path / "ct2")).score_batch([list("abcde")], [list("fgh")])[0]
+    src = np.asarray([tokenizer.encode("abcde") + [tokenizer.eos_id]], np.int32)
+    tgt = tokenizer.encode("fgh") + [tokenizer.eos_id]
+    log_p = np.asarray(jax.nn.log_softmax(model(src, np.asarray([[tokenizer.bos_id] + tgt[:-1]], np.int32))[0]))
+    np.testing.assert_allclose(result.log_probs, log_p[np.arange(len(tgt)), tgt], rtol=0, atol=2e-5)
