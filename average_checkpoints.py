@@ -23,16 +23,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.last < 1:
         raise UserError("--last must be a positive integer")
-    # Averaging writes a new work dir: never into a file, nor over a folder that already holds something.
-    if os.path.isfile(args.output):
-        raise UserError(f"--output {args.output!r} is a file: give the name of a new folder")
-    if os.path.isdir(args.output) and os.listdir(args.output):
-        raise UserError(f"--output {args.output!r} is a folder that is not empty: give the name of a new folder")
-    parent = os.path.dirname(os.path.abspath(args.output))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UserError(f"--output {args.output!r} cannot be made: {parent} is a file, not a folder")
+    from transformer.run.workdir import check_new_folder
+
+    check_new_folder(args.output)  # averaging writes a new work dir, never into or over anything
 
     from transformer.run.checkpoint import average_into
     from transformer.run.workdir import load_run_config

@@ -50,9 +50,10 @@ def main() -> int:
 
     # Everything that can be checked without the model first: a mistake costs no checkpoint load,
     # and nothing is written.
-    from transformer.export import check_output_dir, load_run_model, tokenizer_file
+    from transformer.export import load_run_model, tokenizer_file
+    from transformer.run.workdir import check_new_folder
 
-    check_output_dir(args.output)
+    check_new_folder(args.output)
     if args.format == "ctranslate2":
         from transformer.export.ctranslate2 import import_ctranslate2
 

@@ -73,30 +73,18 @@ def main() -> int:
     if args.plot_attention is not None and not 1 <= args.plot_line <= len(lines):
         raise UserError(f"--plot_line {args.plot_line} is not a line of the input (it has {len(lines)})")
 
-    from flax import nnx
-
-    from transformer.decoding.bleu import corpus_bleu
-    from transformer.run.checkpoint import load_params
     from transformer.decoding import translate_batches
-    from transformer.data.tokenizer import load_tokenizer
-    from transformer.run.workdir import load_run_config
-    from transformer.training import create_train_state
+    from transformer.decoding.bleu import corpus_bleu
+    from transformer.run.workdir import load_run_config, load_run_model
 
+    # The model's sizes first: --layer and --head are checked before a checkpoint is read.
     model_config, train_config = load_run_config(args.workdir, args.attention_impl)
-    tokenizer = load_tokenizer(args.workdir)
-    if tokenizer is None:
-        raise UserError(f"no tokenizer in {args.workdir}: --workdir must be the folder of a train.py run")
     layers, heads = model_config.N, model_config.h
     if args.layer is not None and not 1 <= args.layer <= layers:
         raise UserError(f"--layer {args.layer} is not a layer of this model: choose 1 to {layers}")
     if args.head is not None and not 1 <= args.head <= heads:
         raise UserError(f"--head {args.head} is not a head of this model: choose 1 to {heads}")
-    graphdef, like, _ = create_train_state(model_config, train_config)
-    try:
-        state, used = load_params(args.workdir, like, args.average_last, args.step)
-    except FileNotFoundError as err:
-        raise UserError(str(err)) from None
-    model = nnx.merge(graphdef, state.params)
+    model, tokenizer, used = load_run_model(args.workdir, args.average_last, args.step, model_config.attention_impl)
 
     print(f"checkpoint step(s) {used}", file=sys.stderr)
     hypotheses = translate_batches(

@@ -86,7 +86,7 @@ def _library_greedy(model, tokenizer, text, max_extra=50):
     """transformer.decoding's greedy output ids for one sentence (up to its end token), with §6.1's
     limit: input length (with the end token) + max_extra, at most max_len."""
     from transformer.decoding import greedy_decode
-    from transformer.decoding.translate import encode_sources
+    from transformer.decoding.text import encode_sources
 
     ids = encode_sources(tokenizer, [text], model.config.max_len)[0]
     extra = min(max_extra, model.config.max_len - len(ids))

@@ -7,7 +7,7 @@ Decisions:
 - Shapes are symbolic: batch `b`, source length `s` and target length `t` are free at call time,
   with s, t <= max_len (what the model takes; the constraint is part of the program), so one
   program serves every batch shape.
-- Attention is the reference formula (`transformer.export.portable_config`): plain StableHLO that
+- Attention is the reference formula (`transformer.export.load_run_model`): plain StableHLO that
   every platform lowers, no cuDNN custom call.
 - The program is lowered for the platforms asked for (default: cpu and cuda); a caller on another
   platform gets an error from jax.export.

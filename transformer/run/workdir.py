@@ -167,3 +167,44 @@ def load_run_config(workdir: str, attention_impl: str | None = None) -> tuple[Tr
               f"using 'auto'", file=sys.stderr)
         model_config = dataclasses.replace(model_config, attention_impl="auto")
     return model_config, train_config
+
+
+def load_run_model(workdir: str, average_last: int = 1, step: int | None = None, attention_impl: str | None = None):
+    """(model, tokenizer, checkpoint steps used) of a train.py work dir: its newest usable checkpoint
+    (or `step`), or the average of its last `average_last` (§6.1), the model config as
+    `load_run_config` makes it for this machine. What is not a run's work dir raises UserError."""
+    from flax import nnx
+
+    from transformer.data.tokenizer import load_tokenizer
+    from transformer.run.checkpoint import load_params
+    from transformer.training import create_train_state
+
+    if not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir!r} is not a folder: give the work dir of a train.py run")
+    model_config, train_config = load_run_config(workdir, attention_impl)
+    tokenizer = load_tokenizer(workdir)
+    if tokenizer is None:
+        raise UserError(f"no tokenizer in {workdir}: --workdir must be the folder of a train.py run")
+    graphdef, like, _ = create_train_state(model_config, train_config)
+    try:
+        state, used = load_params(workdir, like, average_last, step)
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from None
+    return nnx.merge(graphdef, state.params), tokenizer, used
+
+
+def check_new_folder(output: str) -> None:
+    """Refuse (UserError) an --output that is a file, a folder that holds something, or that cannot be
+    made: what a command writes as a new folder (an averaged run, an export) never goes into, nor over,
+    anything that exists."""
+    if os.path.isfile(output):
+        raise UserError(f"--output {output!r} is a file: give the name of a new folder")
+    if os.path.isdir(output) and os.listdir(output):
+        raise UserError(f"--output {output!r} is a folder that is not empty: give the name of a new folder")
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"--output {output!r} cannot be made: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--output {output!r} cannot be made under {parent}: choose a folder you can write to")
