@@ -21,9 +21,10 @@ from transformer.nn.partitioning import BATCH, EMBED, annotate, constrain
 Mask = AttentionMask | Bool[Array, "b #h q k"]
 
 # Incremental decoding state of one decoder layer: self-attention keys/values written so far
-# ("k": [batch, max_len, h, d_k], "v": [batch, max_len, h, d_v]) and, for encoder-decoder layers,
+# ("k": [rows, max_len, h, d_k], "v": [rows, max_len, h, d_v]) and, for encoder-decoder layers,
 # the keys/values of the encoder output computed once per source ("cross_k", "cross_v":
-# [batch, src_len, h, d_k or d_v]).
+# [sources, src_len, h, d_k or d_v]); rows = sources, or sources · k for beam search's k
+# hypotheses per source, which share their source's encoder-decoder keys/values.
 LayerCache = dict[str, jax.Array]
 
 
