@@ -28,13 +28,11 @@ def main() -> int:
     check_new_folder(args.output)  # averaging writes a new work dir, never into or over anything
 
     from transformer.run.checkpoint import average_into
-    from transformer.run.workdir import load_run_config
-    from transformer.training import create_train_state
+    from transformer.run.workdir import load_run_config, run_state_like
 
     # Parameters do not depend on how attention is computed: the reference formula runs on any
     # device, so a run trained with cuDNN attention is averaged on a CPU too.
-    model_config, train_config = load_run_config(args.workdir, attention_impl="reference")
-    _, like, _ = create_train_state(model_config, train_config)
+    _, like = run_state_like(*load_run_config(args.workdir, attention_impl="reference"))
     try:
         used = average_into(args.workdir, args.output, args.last, like)
     except (FileNotFoundError, ValueError) as err:

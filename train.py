@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Train the Transformer of "Attention Is All You Need".
+"""Train the Transformer of "Attention Is All You Need": translation, or a language model, a
+masked-LM encoder or a classifier built from the same layers (--task).
 
     python train.py                      # embedded task (reverse letter strings), no download, minutes on a CPU
+    python train.py --task lm            # a decoder-only LM on generated text (also: --task mlm, --task classify)
     python train.py --config base --dataset wmt14_translate/de-en     # the paper's base model
     python train.py --config base --dataset_dir ../shared/data/multi30k --src_lang de --tgt_lang en
     python train.py --config B1 --dataset wmt14_translate/de-en         # a line of Table 3 (here d_k = 16)
@@ -20,14 +22,17 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def build_parser():
+def build_parser(task_name: str = "translate"):
     from transformer.run.cli import OneLineParser, add_dataclass_flags
     from transformer.config import TransformerConfig
     from transformer.parallel.distributed import DistributedConfig
     from transformer.parallel.mesh import ParallelConfig
+    from transformer.tasks import TASKS
     from transformer.training import TRAIN_PRESETS, TrainConfig
 
     parser = OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="translate", choices=list(TASKS),
+                        help="what to train (default: translate); each task adds its own flags (train.py --task T --help)")
     parser.add_argument("--config", default="tiny", choices=list(TRAIN_PRESETS), metavar="{tiny,base,big,A1,...,E1}",
                         help="model preset and its training defaults: tiny (the embedded demo, default), base, big, "
                              "or a line of the paper's Table 3 (A1-A4, B1-B2, C1-C7, D1-D4, E1)")
@@ -35,6 +40,8 @@ def build_parser():
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_dataclass_flags(parser, TransformerConfig, "model (TransformerConfig)", skip=("pad_id",))  # the tokenizer's
     add_dataclass_flags(parser, TrainConfig, "training (TrainConfig)")
+    task = TASKS[task_name]
+    add_dataclass_flags(parser, task.Config, f"the {task.name} task ({task.Config.__name__})")
     add_dataclass_flags(parser, ParallelConfig, "devices (ParallelConfig): pmap, or jit over a data/fsdp/tensor mesh")
     add_dataclass_flags(parser, DistributedConfig, "several processes (DistributedConfig)")
     return parser
@@ -56,35 +63,73 @@ def _stop_while_loading(signum, frame):
     raise SystemExit(0 if _checkpoint_steps(workdir) else 128 + signal.SIGTERM)
 
 
-def main() -> int:
-    args = build_parser().parse_args()
-    from transformer.run.cli import Terminated, default_dtype, overrides_for
+def _task_name(argv: list[str]) -> str:
+    """--task's value, read before the parser that depends on it is built (a bad one is the parser's to report)."""
+    for i, arg in enumerate(argv):
+        if arg == "--task" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--task="):
+            return arg.split("=", 1)[1]
+    return "translate"
+
+
+def parse_args(argv: list[str]):
+    from transformer.tasks import TASKS
+
+    name = _task_name(argv)
+    return build_parser(name if name in TASKS else "translate").parse_args(argv)
+
+
+def settings(args, backend: str = "cpu"):
+    """(model config, training recipe, task, work dir) from parsed flags: the preset's values, the
+    task's defaults for that preset, then the flags. With --init_from (a new run), the model is the
+    source run's, flags changing it where given."""
     from transformer.config import TransformerConfig
+    from transformer.run.cli import default_dtype, overrides_for
+    from transformer.tasks import TASKS
+    from transformer.training import TRAIN_PRESETS, TrainConfig
+
+    # An explicit --dtype wins; without one, bfloat16 on a TPU and float32 elsewhere.
+    model_overrides = {"dtype": default_dtype(backend), **overrides_for(args, TransformerConfig)}
+    task_cls = TASKS[args.task]
+    presets = task_cls.PRESETS.get(args.config, {})
+    train_config = TrainConfig(**{**TRAIN_PRESETS[args.config], **presets.get("train", {}),
+                                  **overrides_for(args, TrainConfig)})
+    task = task_cls(task_cls.Config(**{**presets.get("task", {}), **overrides_for(args, task_cls.Config)}), train_config)
+    workdir = args.workdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    if train_config.init_from and not os.path.exists(os.path.join(workdir, "config.json")):
+        from transformer.run.init_from import source_model_config
+
+        model_config = source_model_config(train_config.init_from, model_overrides)
+    else:
+        model_config = TransformerConfig.preset(args.config, **model_overrides)
+    return model_config, train_config, task, workdir
+
+
+def main() -> int:
+    args = parse_args(sys.argv[1:])
+    from transformer.run.cli import Terminated, overrides_for
     from transformer.parallel import distributed
     from transformer.parallel.mesh import ParallelConfig
     from transformer.run.trainer import Trainer
-    from transformer.training import TRAIN_PRESETS, TrainConfig
 
     distributed.initialize(distributed.DistributedConfig(**overrides_for(args, distributed.DistributedConfig)))
     parallel = ParallelConfig(**overrides_for(args, ParallelConfig))
     import jax
 
-    # An explicit --dtype wins; without one, bfloat16 on a TPU and float32 elsewhere.
-    model_overrides = {"dtype": default_dtype(jax.default_backend()), **overrides_for(args, TransformerConfig)}
-    model_config = TransformerConfig.preset(args.config, **model_overrides)
-    train_config = TrainConfig(**{**TRAIN_PRESETS[args.config], **overrides_for(args, TrainConfig)})
-    workdir = args.workdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    model_config, train_config, task, workdir = settings(args, jax.default_backend())
     started = time.time()
     phase, trainer = "start-up", None
     try:
-        with Trainer(model_config, train_config, workdir, show_progress=not args.quiet, parallel=parallel) as trainer:
+        with Trainer(model_config, train_config, workdir, task=task, show_progress=not args.quiet,
+                     parallel=parallel) as trainer:
             where = f"{trainer.n_devices} device(s) ({trainer.devices[0].platform})"
             if jax.process_count() > 1:
                 where += f" in {jax.process_count()} processes"
             if trainer.layout.mode == "mesh":
                 where += " on a mesh " + ",".join(f"{k}={v}" for k, v in trainer.layout.mesh.shape.items())
             print_main = print if trainer.is_main_process else (lambda *a, **k: None)
-            print_main(f"work dir {workdir}; {where}; {len(trainer.train_examples)} training pairs; "
+            print_main(f"{task.name} run in work dir {workdir}; {where}; {task.num_train_examples} {task.example_name}; "
                   f"vocabulary {trainer.model_config.vocab_size}; attention {trainer.attention_impl}"
                   + (" (auto)" if trainer.model_config.attention_impl == "auto" else "")
                   + (f"; resuming from step {trainer.resumed_from}" if trainer.resumed_from else ""), flush=True)
@@ -97,7 +142,7 @@ def main() -> int:
     except Terminated:
         saved = _checkpoint_steps(workdir)
         current = saved[-1] if trainer is None and saved else (
-            trainer.data_position // train_config.grad_accum_steps if trainer is not None else None)
+            trainer.data_position // train_config.grad_accum_steps if trainer is not None else None)  # updates done
         if current in saved:
             raise Terminated(f"SIGTERM during {phase}: stopped; the checkpoint of step {current} is in "
                              f"{os.path.join(workdir, 'checkpoints')} (run again with the same --workdir to go on)",
@@ -107,15 +152,9 @@ def main() -> int:
         return 0
     print(f"finished step {summary['step']} in {time.time() - started:.0f} s")
     if "validation" in summary:
-        v = summary["validation"]
-        print(f"validation: loss {v['loss']:.4f}, token accuracy {v['accuracy']:.4f}, perplexity {v['perplexity']:.2f}")
-    if "exact_match" in results:
-        print(f"held-out exact-match accuracy: {results['exact_match']:.4f}")
-    for split in ("validation", "test"):
-        if f"{split}_bleu" in results:
-            print(f"{split} BLEU {results[f'{split}_bleu']:.2f}  ({results[f'{split}_bleu_signature']})")
-    for source, hypothesis in results.get("examples", []):
-        print(f"  {source}  ->  {hypothesis}")
+        print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["validation"].items()))
+    for line in task.report_lines(results):
+        print(line)
     if results.get("plot"):
         print(f"curves: {results['plot']}")
     return 0

@@ -78,7 +78,11 @@ def main() -> int:
     from transformer.run.workdir import load_run_config, load_run_model
 
     # The model's sizes first: --layer and --head are checked before a checkpoint is read.
-    model_config, train_config = load_run_config(args.workdir, args.attention_impl)
+    model_config, _, task = load_run_config(args.workdir, args.attention_impl)
+    if task.name != "translate":
+        raise UserError(f"{args.workdir} holds a {task.name} run: translate.py translates with translate runs "
+                        f"(for an lm run use generate.py, for classify classify.py)")
+    decode_config = task.config
     layers, heads = model_config.N, model_config.h
     if args.layer is not None and not 1 <= args.layer <= layers:
         raise UserError(f"--layer {args.layer} is not a layer of this model: choose 1 to {layers}")
@@ -89,9 +93,9 @@ def main() -> int:
     print(f"checkpoint step(s) {used}", file=sys.stderr)
     hypotheses = translate_batches(
         model, tokenizer, lines,
-        beam_size=args.beam_size or train_config.beam_size,
-        alpha=train_config.length_penalty if args.alpha is None else args.alpha,
-        max_extra=train_config.max_decode_extra if args.max_extra is None else args.max_extra,
+        beam_size=args.beam_size or decode_config.beam_size,
+        alpha=decode_config.length_penalty if args.alpha is None else args.alpha,
+        max_extra=decode_config.max_decode_extra if args.max_extra is None else args.max_extra,
         batch_size=args.batch_size, progress=args.input != "-",
     )
     for h in hypotheses:
@@ -103,9 +107,9 @@ def main() -> int:
         from transformer.decoding.text import translation_attention
         from transformer.models.attention_maps import layer_maps, plot_attention
 
-        decoding = dict(beam_size=args.beam_size or train_config.beam_size,
-                        alpha=train_config.length_penalty if args.alpha is None else args.alpha,
-                        max_extra=train_config.max_decode_extra if args.max_extra is None else args.max_extra)
+        decoding = dict(beam_size=args.beam_size or decode_config.beam_size,
+                        alpha=decode_config.length_penalty if args.alpha is None else args.alpha,
+                        max_extra=decode_config.max_decode_extra if args.max_extra is None else args.max_extra)
         _, pieces, maps = translation_attention(model, tokenizer, lines[args.plot_line - 1], **decoding)
         layer = layers if args.layer is None else args.layer
         src, tgt = pieces["source"], pieces["target"]

@@ -62,6 +62,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from transformer.config import ConfigError, TransformerConfig  # noqa: E402
+from transformer.tasks.translate import translation_objective
 from transformer.models.transformer import Transformer  # noqa: E402
 from transformer.parallel import rules  # noqa: E402
 from transformer.parallel.mesh import ParallelConfig, check_model_fits, make_mesh  # noqa: E402
@@ -123,7 +124,7 @@ def analyse(config: TransformerConfig, mode: str, rows: int, length: int, n_devi
     if mode == "pmap":
         if rows % n_devices:
             raise ConfigError(f"{rows} rows cannot be split across {n_devices} devices")
-        train, _ = compile_steps(graphdef, tx, config, train_config, n_devices)
+        train, _ = compile_steps(graphdef, tx, translation_objective(train_config.label_smoothing, config.pad_id), train_config, n_devices)
         stack = lambda x: jax.ShapeDtypeStruct((n_devices, *x.shape), x.dtype)  # noqa: E731
         args = (jax.tree.map(stack, state),
                 {k: jax.ShapeDtypeStruct((n_devices, rows // n_devices, length), jnp.int32)
@@ -139,7 +140,7 @@ def analyse(config: TransformerConfig, mode: str, rows: int, length: int, n_devi
         split = math.prod(mesh.shape[a] for a in rules.RULES[rules.BATCH])
         if rows % split:
             raise ConfigError(f"{rows} rows cannot be split {split} ways (mesh {mode})")
-        train, _ = compile_mesh_steps(graphdef, tx, config, train_config, shardings, batch_sharding,
+        train, _ = compile_mesh_steps(graphdef, tx, translation_objective(train_config.label_smoothing, config.pad_id), train_config, shardings, batch_sharding,
                                       rules.replicated(mesh))
         sharded = _with_shardings(state, shardings)
         args = (sharded, {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sharding)

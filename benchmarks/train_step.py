@@ -41,6 +41,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from transformer.nn.attention import resolve_attention_impl  # noqa: E402
+from transformer.tasks.translate import translation_objective
 from transformer.config import ATTENTION_IMPLS, ConfigError, TransformerConfig  # noqa: E402
 from transformer.models.flops import forward_flops, peak_flops, train_flops  # noqa: E402
 from transformer.training import TrainConfig, compile_steps, create_train_state  # noqa: E402
@@ -135,12 +136,12 @@ def prepare_ours(config, devices, train_config, parallel, mesh_spec=None):
     if parallel == "jit":
         if len(devices) != 1:
             raise ConfigError(f"--parallel jit runs on one device, not {len(devices)}")
-        train, _ = compile_steps(graphdef, tx, config, train_config, 1)
+        train, _ = compile_steps(graphdef, tx, translation_objective(train_config.label_smoothing, config.pad_id), train_config, 1)
         return train, jax.device_put(state, devices[0]), lambda b: jax.device_put(b, devices[0]), jax.jit(logits)
     if parallel == "pmap":
         from transformer.parallel.devices import put_on_devices, replicate_on_devices, shard_for_devices
 
-        train, _ = compile_steps(graphdef, tx, config, train_config, len(devices), pmap=True)
+        train, _ = compile_steps(graphdef, tx, translation_objective(train_config.label_smoothing, config.pad_id), train_config, len(devices), pmap=True)
         return (train, replicate_on_devices(state, devices),
                 lambda b: put_on_devices(shard_for_devices(b, len(devices)), devices), jax.pmap(logits))
     from transformer.parallel.mesh import ParallelConfig, check_model_fits, make_mesh
@@ -150,7 +151,7 @@ def prepare_ours(config, devices, train_config, parallel, mesh_spec=None):
     mesh = make_mesh(ParallelConfig(parallel="mesh", mesh=mesh_spec), devices)
     check_model_fits(config, mesh)
     shardings = state_shardings(state, mesh)
-    train, _ = compile_mesh_steps(graphdef, tx, config, train_config, shardings, batch_sharding(mesh), replicated(mesh))
+    train, _ = compile_mesh_steps(graphdef, tx, translation_objective(train_config.label_smoothing, config.pad_id), train_config, shardings, batch_sharding(mesh), replicated(mesh))
     forward = jax.jit(logits, in_shardings=(shardings.params, batch_sharding(mesh)))
     return train, place(state, shardings), lambda b: place(b, batch_sharding(mesh)), forward
 

@@ -7,7 +7,8 @@ from sentencepiece import sentencepiece_model_pb2
 
 from transformer.config import ConfigError
 from transformer.data.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer
-from transformer.run.trainer import Corpus, make_tokenizer
+from transformer.run.trainer import make_tokenizer
+from transformer.tasks import TranslateConfig, TranslateTask
 from transformer.training import TrainConfig
 
 WORDS = ["the", "dog", "runs", "over", "a", "green", "meadow", "der", "hund", "läuft", "über", "eine", "grüne",
@@ -60,9 +61,10 @@ def test_unigram_on_request(tmp_path):
 
 @pytest.mark.parametrize("tokenizer_type", ["bpe", "unigram"])
 def test_a_run_trains_the_tokenizer_type_it_is_given(tmp_path, tokenizer_type):
-    config = TrainConfig(dataset="wmt14_translate/de-en", tokenizer_type=tokenizer_type)
-    pairs = list(zip(SENTENCES[::2], SENTENCES[1::2]))
-    tok = make_tokenizer(config, Corpus(pairs, [], None), 100, str(tmp_path))
+    config = TrainConfig(tokenizer_type=tokenizer_type)
+    task = TranslateTask(TranslateConfig(dataset="wmt14_translate/de-en"), config)
+    task.train_pairs = list(zip(SENTENCES[::2], SENTENCES[1::2]))
+    tok = make_tokenizer(config, task, 100, str(tmp_path))
     assert _model_type(tok) == tokenizer_type.upper()
 
 

@@ -157,6 +157,7 @@ def test_dropout_scale_is_not_rounded_to_bfloat16():
 
 def test_bfloat16_training_reaches_the_float32_accuracy(tmp_path):
     from transformer.run.trainer import Trainer
+    from transformer.tasks import TranslateConfig, TranslateTask
     from transformer.training import TrainConfig
 
     # The embedded reverse task, strings of 4-7 letters (one bucket, one compile). Dropout and label
@@ -165,10 +166,12 @@ def test_bfloat16_training_reaches_the_float32_accuracy(tmp_path):
     accuracy = {}
     for dtype in ("float32", "bfloat16"):
         model = TransformerConfig.tiny(d_model=64, d_ff=128, h=4, N=1, dropout_rate=0.0, dtype=dtype)
-        train = TrainConfig(dataset="reverse", synthetic_examples=6000, max_length=8, num_train_steps=500,
+        train = TrainConfig(max_length=8, num_train_steps=500,
                             batch_tokens=1024, warmup_steps=100, lr_scale=3.0, label_smoothing=0.0,
                             log_every=500, eval_every=500, checkpoint_every=500, eval_batches=8)
-        trainer = Trainer(model, train, str(tmp_path / dtype), show_progress=False, devices=jax.local_devices()[:1])
+        task = TranslateTask(TranslateConfig(dataset="reverse", synthetic_examples=6000), train)
+        trainer = Trainer(model, train, str(tmp_path / dtype), task=task, show_progress=False,
+                          devices=jax.local_devices()[:1])
         accuracy[dtype] = trainer.run()["validation"]["accuracy"]
     assert accuracy["float32"] > 0.85, accuracy  # the task was learned, so "same" means something
     assert abs(accuracy["bfloat16"] - accuracy["float32"]) < 0.05, accuracy

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from transformer import ConfigError, Transformer, TransformerConfig, resolve_attention_impl, scaled_dot_product_attention
+from transformer.tasks.translate import translation_objective
 from transformer.nn import pallas_attention as pallas
 from transformer.nn.masks import cross_attention_mask, self_attention_mask
 
@@ -174,7 +175,7 @@ def test_a_few_training_steps_with_pallas_equal_the_reference():
     results = {}
     for impl in ("reference", "pallas"):
         graphdef, state, tx = create_train_state(dataclasses.replace(model, attention_impl=impl), train)
-        step, _ = compile_steps(graphdef, tx, model, train, 1)
+        step, _ = compile_steps(graphdef, tx, translation_objective(train.label_smoothing, model.pad_id), train, 1)
         losses = []
         for batch in batches:
             state, metrics = step(state, batch)

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from transformer.config import TransformerConfig
+from transformer.tasks import TranslateConfig, TranslateTask
 from transformer.parallel.mesh import ParallelConfig
 from transformer.run.checkpoint import Checkpoints
 from transformer.run.trainer import Trainer
@@ -18,10 +19,11 @@ MODEL = TransformerConfig.tiny(d_model=16, d_ff=32, h=4, N=1, vocab_size=60, dro
 
 
 def _train(workdir, steps, parallel, remat="none"):
-    config = TrainConfig(num_train_steps=steps, synthetic_examples=400, batch_tokens=256, max_length=16,
+    config = TrainConfig(num_train_steps=steps, batch_tokens=256, max_length=16,
                          log_every=5, eval_every=100, checkpoint_every=5, eval_batches=1, warmup_steps=20)
     model = dataclasses.replace(MODEL, remat=remat)
-    with Trainer(model, config, str(workdir), show_progress=False, parallel=parallel) as trainer:
+    task = TranslateTask(TranslateConfig(synthetic_examples=400), config)
+    with Trainer(model, config, str(workdir), task=task, show_progress=False, parallel=parallel) as trainer:
         summary = trainer.run()
         params = trainer.layout.host_copy(trainer.state.params)
         return summary, params, trainer

@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT
 
 from transformer.run.checkpoint import Checkpoints
-from transformer.run.workdir import load_run_config
+from transformer.run.workdir import load_run_config, run_state_like
 from transformer.training import create_train_state
 
 # Every layout splits this model: h and d_ff by tensor=2, d_model by fsdp=2. No dropout: pmap draws a
@@ -71,8 +71,7 @@ def _finish(procs, timeout=300):
 
 
 def _final_params(workdir):
-    model_config, train_config = load_run_config(str(workdir))
-    _, like, _ = create_train_state(model_config, train_config)
+    _, like = run_state_like(*load_run_config(str(workdir)))
     checkpoints = Checkpoints(str(workdir))
     try:
         state, meta = checkpoints.restore(checkpoints.latest_step(), like)

@@ -88,18 +88,21 @@ def test_read_text_lines_names_the_line_of_a_bad_byte(tmp_path):
 
 @pytest.mark.parametrize("tokenizer_type", ["unigram", "bpe"])
 def test_vocabulary_too_small_for_the_characters_names_the_minimum(tmp_path, tokenizer_type):
-    from transformer.run.trainer import Corpus, make_tokenizer
+    from transformer.run.trainer import make_tokenizer
+    from transformer.tasks import TranslateConfig, TranslateTask
     from transformer.training import TrainConfig
 
     # 26 + 12 + 9 distinct letters and the word-boundary piece "▁": 48 characters, + 4 special tokens.
     pairs = [("abcdefghijklmnopqrstuvwxyz", "zyxwvutsrqponmlkjih"), ("ABCDEFGHIJKL", "MNOPQRSTU")]
-    config = TrainConfig(dataset_dir=str(tmp_path), tokenizer_type=tokenizer_type)
+    config = TrainConfig(tokenizer_type=tokenizer_type)
+    task = TranslateTask(TranslateConfig(dataset_dir=str(tmp_path)), config)
+    task.train_pairs = pairs
     with pytest.raises(DataError) as err:
-        make_tokenizer(config, Corpus(pairs, pairs, None), 51, str(tmp_path / "a"))
+        make_tokenizer(config, task, 51, str(tmp_path / "a"))
     assert str(err.value) == ("--vocab_size 51 is too small for the training text: its distinct characters and the "
                               "special tokens need at least 52 pieces; use --vocab_size 52 or more")
     assert not (tmp_path / "a" / "spm.model").exists()
-    assert make_tokenizer(config, Corpus(pairs, pairs, None), 52, str(tmp_path / "b")).vocab_size == 52
+    assert make_tokenizer(config, task, 52, str(tmp_path / "b")).vocab_size == 52
 
 
 def test_vocabulary_too_small_through_train_py(tmp_path):

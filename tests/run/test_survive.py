@@ -128,25 +128,21 @@ def test_a_second_run_on_a_live_work_dir_is_refused_and_a_killed_run_leaves_no_s
 
 
 def _configs(*flags):
+    """(model config, training recipe, task) as train.py makes them from `flags`."""
     import train as train_script
 
-    from transformer.run.cli import overrides_for
-    from transformer.config import TransformerConfig
-    from transformer.training import TRAIN_PRESETS, TrainConfig
-
-    args = train_script.build_parser().parse_args(list(flags))
-    return (TransformerConfig.preset(args.config, **overrides_for(args, TransformerConfig)),
-            TrainConfig(**{**TRAIN_PRESETS[args.config], **overrides_for(args, TrainConfig)}))
+    return train_script.settings(train_script.parse_args(list(flags)))[:3]
 
 
 def test_resume_refuses_changed_settings_and_names_them(tmp_path, capsys):
     from transformer.run.workdir import check_resume, write_config_json
 
-    model, train_config = _configs("--vocab_size", "40", *FAST)
+    model, train_config, task = _configs("--vocab_size", "40", *FAST)
     import dataclasses
 
-    write_config_json(str(tmp_path), dataclasses.replace(model, vocab_size=37), train_config, requested_vocab_size=40)
-    assert check_resume(str(tmp_path), model, train_config)["requested_vocab_size"] == 40
+    write_config_json(str(tmp_path), dataclasses.replace(model, vocab_size=37), train_config, task,
+                      requested_vocab_size=40)
+    assert check_resume(str(tmp_path), model, train_config, task)["requested_vocab_size"] == 40
     # Allowed silently: length, bookkeeping, decoding.
     assert check_resume(str(tmp_path), *_configs("--vocab_size", "40", *FAST, "--num_train_steps", "9",
                                                  "--log_every", "3", "--checkpoint_every", "4", "--beam_size", "2"))
@@ -207,9 +203,9 @@ def test_after_a_nan_the_named_checkpoint_is_finite_and_resumes_with_sane_settin
     assert (tmp_path / "skipped_checkpoints" / str(bad - 1) / "WHY_SKIPPED.txt").read_text().endswith(f"({bad})\n")
     # Resume with a sane learning rate: it trains on, finite. (In-process, one device, and no final
     # decoding, to keep the test short.)
-    model, config = _configs(*FAST, "--num_train_steps", str(good + 3), "--checkpoint_every", "1",
-                             "--lr_scale", "1", "--warmup_steps", "1000")
-    with Trainer(model, config, str(tmp_path), show_progress=False, devices=jax.devices()[:1]) as trainer:
+    model, config, task = _configs(*FAST, "--num_train_steps", str(good + 3), "--checkpoint_every", "1",
+                                   "--lr_scale", "1", "--warmup_steps", "1000")
+    with Trainer(model, config, str(tmp_path), task=task, show_progress=False, devices=jax.devices()[:1]) as trainer:
         assert trainer.resumed_from == good
         summary = trainer.run()
         assert summary["step"] == good + 3 and non_finite_leaf(trainer.state) is None
@@ -220,7 +216,7 @@ def test_after_a_nan_the_named_checkpoint_is_finite_and_resumes_with_sane_settin
     # holds the lock); the saves after it are tests/test_checkpoint.py's.
     os.remove(tmp_path / "checkpoints" / str(good + 3) / "state" / "_METADATA")
     capsys.readouterr()
-    with Trainer(model, config, str(tmp_path), show_progress=False, devices=jax.devices()[:1]) as trainer:
+    with Trainer(model, config, str(tmp_path), task=task, show_progress=False, devices=jax.devices()[:1]) as trainer:
         assert trainer.resumed_from == good + 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"warning: skipped checkpoint step {good + 3} in {tmp_path}/checkpoints: state/_METADATA is missing; "

@@ -30,11 +30,9 @@ def train(*args, devices=1, timeout=300):
 
 def _final_params(workdir):
     from transformer.run.checkpoint import Checkpoints
-    from transformer.run.workdir import load_run_config
-    from transformer.training import create_train_state
+    from transformer.run.workdir import load_run_config, run_state_like
 
-    model_config, train_config = load_run_config(str(workdir))
-    _, like, _ = create_train_state(model_config, train_config)
+    _, like = run_state_like(*load_run_config(str(workdir)))
     checkpoints = Checkpoints(str(workdir))
     state, meta = checkpoints.restore(checkpoints.latest_step(), like)
     checkpoints.close()
@@ -158,8 +156,7 @@ def _check_attention_plot(tmp_path, sources):
     from transformer.decoding.text import translation_attention
     from transformer.models.attention_maps import figure_pixels, layer_maps, plot_attention
     from transformer.run.checkpoint import load_params
-    from transformer.run.workdir import load_run_config
-    from transformer.training import create_train_state
+    from transformer.run.workdir import load_run_config, run_state_like
 
     png = tmp_path / "attention.png"
     plotted = subprocess.run(
@@ -171,9 +168,9 @@ def _check_attention_plot(tmp_path, sources):
     with open(png, "rb") as f:
         width, height = struct.unpack(">II", f.read(24)[16:24])
 
-    model_config, train_config = load_run_config(str(tmp_path / "run"))
+    model_config, train_config, task = load_run_config(str(tmp_path / "run"))
     tokenizer = load_tokenizer(str(tmp_path / "run"))
-    graphdef, like, _ = create_train_state(model_config, train_config)
+    graphdef, like = run_state_like(model_config, train_config, task)
     state, _ = load_params(str(tmp_path / "run"), like, 1, None)
     model = nnx.merge(graphdef, state.params)
     line = sources.read_text().splitlines()[1]
@@ -196,16 +193,18 @@ import json, sys
 import tensorflow_datasets as tfds
 from transformer.config import TransformerConfig
 from transformer.run.trainer import Trainer
+from transformer.tasks import TranslateConfig, TranslateTask
 from transformer.training import TrainConfig
 
 model = TransformerConfig.tiny(d_model=16, d_ff=32, h=2, N=1, vocab_size=60)
-train_config = TrainConfig(dataset="wmt14_translate/de-en", num_train_steps=3, batch_tokens=512, max_length=32,
+train_config = TrainConfig(num_train_steps=3, batch_tokens=512, max_length=32,
                            log_every=1, eval_every=3, checkpoint_every=3, eval_batches=1)
+task = TranslateTask(TranslateConfig(dataset="wmt14_translate/de-en"), train_config)
 with tfds.testing.mock_data(num_examples=40):
-    with Trainer(model, train_config, sys.argv[1], show_progress=False) as trainer:
+    with Trainer(model, train_config, sys.argv[1], task=task, show_progress=False) as trainer:
         summary = trainer.run()
 print(json.dumps({"step": summary["step"], "loss": summary["validation"]["loss"],
-                  "train_examples": len(trainer.corpus.train)}))
+                  "train_examples": len(task.train_pairs)}))
 """
 
 
@@ -253,13 +252,15 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path, args, devices, message
 def test_short_multi30k_run_lowers_validation_loss(tmp_path, multi30k_dir):
     from transformer.config import TransformerConfig
     from transformer.run.trainer import Trainer
+    from transformer.tasks import TranslateConfig, TranslateTask
     from transformer.training import TrainConfig
 
     model = TransformerConfig.tiny(d_model=64, d_ff=128, h=4, N=1, dropout_rate=0.1, vocab_size=1000)
-    config = TrainConfig(dataset_dir=str(multi30k_dir), src_lang="de", tgt_lang="en", num_train_steps=60,
+    config = TrainConfig(num_train_steps=60,
                          batch_tokens=2048, max_length=48, warmup_steps=30, lr_scale=2.0, log_every=20,
                          eval_every=60, checkpoint_every=60, eval_batches=10)
-    trainer = Trainer(model, config, str(tmp_path), show_progress=False)
+    task = TranslateTask(TranslateConfig(dataset_dir=str(multi30k_dir), src_lang="de", tgt_lang="en"), config)
+    trainer = Trainer(model, config, str(tmp_path), task=task, show_progress=False)
     before = trainer.evaluate(trainer.state.params, max_batches=10)
     summary = trainer.run()
     after = summary["validation"]

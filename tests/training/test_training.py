@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from transformer import data as data_lib
+from transformer.tasks.translate import translation_objective
 from transformer.data import batching
 from transformer.config import TransformerConfig
 from transformer.data import BatchPlan, Examples, encode_pairs, reverse_task_pairs
@@ -60,9 +61,9 @@ def test_pmapped_step_equals_single_device_step():
     train = TrainConfig(warmup_steps=10)
     graphdef, state, tx = create_train_state(MODEL, train)
     batch = _batch()
-    single_step, _ = compile_steps(graphdef, tx, MODEL, train, 1)
+    single_step, _ = compile_steps(graphdef, tx, translation_objective(train.label_smoothing, MODEL.pad_id), train, 1)
     devices = jax.local_devices()
-    multi_step, _ = compile_steps(graphdef, tx, MODEL, train, 8)
+    multi_step, _ = compile_steps(graphdef, tx, translation_objective(train.label_smoothing, MODEL.pad_id), train, 8)
     replicated = replicate_on_devices(state, devices)
     state = jax.tree.map(jnp.copy, state)  # the steps donate their input state
     multi_state, multi_metrics = multi_step(replicated, shard_for_devices(batch, 8))
@@ -80,7 +81,7 @@ def test_tiny_training_run_loss_falls():
     model = dataclasses.replace(MODEL, d_model=32, d_ff=64, dropout_rate=0.1)
     train = TrainConfig(warmup_steps=60)
     graphdef, state, tx = create_train_state(model, train)
-    step, _ = compile_steps(graphdef, tx, model, train, 1)
+    step, _ = compile_steps(graphdef, tx, translation_objective(train.label_smoothing, model.pad_id), train, 1)
     tok = CharTokenizer("abcdefghijklmnopqrst")
     plan = BatchPlan(encode_pairs(reverse_task_pairs(2000, seed=1), tok, 16), 512, 16, 1, seed=1)
     losses = []
@@ -93,7 +94,7 @@ def test_tiny_training_run_loss_falls():
 def test_gradient_accumulation_counts_micro_batches():
     train = TrainConfig(grad_accum_steps=2, warmup_steps=10)
     graphdef, state, tx = create_train_state(MODEL, train)
-    step, _ = compile_steps(graphdef, tx, MODEL, train, 1)
+    step, _ = compile_steps(graphdef, tx, translation_objective(train.label_smoothing, MODEL.pad_id), train, 1)
     batch = _batch(1, 256)
     tokens = float((batch["tgt_out"] != MODEL.pad_id).sum())
     after_one, _ = step(jax.tree.map(jnp.copy, state), batch)
@@ -101,7 +102,7 @@ def test_gradient_accumulation_counts_micro_batches():
     after_one = jax.tree.map(jnp.copy, after_one)
     for a, b in zip(jax.tree.leaves(after_one.params), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert float(after_one.tokens_sum) == tokens and int(after_one.step) == 1
+    assert float(after_one.count_sum) == tokens and int(after_one.micro_step) == 1 and int(after_one.step) == 0
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(after_one.grad_sum)) > 0
     kept = jax.tree.map(jnp.copy, after_one)
     after_two, _ = step(kept, batch)
@@ -140,17 +141,17 @@ def test_accumulated_update_equals_one_step_on_the_union_of_micro_batches():
     one_step = TrainConfig(warmup_steps=10)
     accumulate = dataclasses.replace(one_step, grad_accum_steps=2)
     graphdef, state, tx = create_train_state(MODEL, one_step)
-    union_step, _ = compile_steps(graphdef, tx, MODEL, one_step, 1)
+    union_step, _ = compile_steps(graphdef, tx, translation_objective(one_step.label_smoothing, MODEL.pad_id), one_step, 1)
     expected = jax.tree.map(jnp.copy, state)
     for _ in range(2):  # two updates: from the second on Adam's moments mix the two updates' scales
         expected, _ = union_step(expected, union)
 
     _, acc_state, _ = create_train_state(MODEL, accumulate)
-    acc_step, _ = compile_steps(graphdef, tx, MODEL, accumulate, 1)
+    acc_step, _ = compile_steps(graphdef, tx, translation_objective(accumulate.label_smoothing, MODEL.pad_id), accumulate, 1)
     got = acc_state
     for m in micro * 2:
         got, _ = acc_step(got, m)
-    assert int(got.step) == 4
+    assert int(got.step) == 2 and int(got.micro_step) == 4  # updates and micro-batches
     for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(expected.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     for a, b in zip(jax.tree.leaves(got.opt_state), jax.tree.leaves(expected.opt_state)):  # Adam's moments
@@ -159,7 +160,7 @@ def test_accumulated_update_equals_one_step_on_the_union_of_micro_batches():
     assert [int(c) for _, c in counts] == [2, 2]  # the schedule counted updates, not the 4 micro-batches
 
     # The same under pmap: one row of each micro-batch per device, gradients and tokens summed.
-    pmapped, _ = compile_steps(graphdef, tx, MODEL, accumulate, 8)
+    pmapped, _ = compile_steps(graphdef, tx, translation_objective(accumulate.label_smoothing, MODEL.pad_id), accumulate, 8)
     _, acc_state, _ = create_train_state(MODEL, accumulate)
     got8 = replicate_on_devices(acc_state, jax.local_devices())
     for m in micro * 2:
@@ -232,7 +233,7 @@ def test_batches_pad_with_the_tokenizer_pad_id_and_the_loss_ignores_it():
         table = state.params["src_embed"]["token_embedding"]["embedding"]
         if config.pad_id == 5:  # row perm[i] holds what row i holds in the original model
             table[...] = table[...][np.argsort(perm)]
-        step, _ = compile_steps(graphdef, tx, config, train, 1)
+        step, _ = compile_steps(graphdef, tx, translation_objective(train.label_smoothing, config.pad_id), train, 1)
         new_state, metrics = step(state, b)  # the loss of the parameters before the update (dropout 0)
         results.append((metrics, new_state.params))
     (m0, p0), (m5, p5) = results
@@ -280,7 +281,7 @@ def test_packing_keeps_examples_apart():
 def test_packed_batch_gives_the_loss_of_the_same_examples_unpacked():
     train = TrainConfig(warmup_steps=10)
     graphdef, state, tx = create_train_state(MODEL, train)
-    _, evaluate = compile_steps(graphdef, tx, MODEL, train, 1)
+    _, evaluate = compile_steps(graphdef, tx, translation_objective(train.label_smoothing, MODEL.pad_id), train, 1)
     tok = CharTokenizer("abcdefghijklmnopqrst")
     examples = encode_pairs(reverse_task_pairs(24, seed=5), tok, 16)
     packed = BatchPlan(examples, 10_000, 16, 1, packing=True, shuffle=False)

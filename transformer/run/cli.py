@@ -79,6 +79,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip=(
             kwargs.update(type=_parse_bool, metavar="{true,false}")
         elif hint in (int, float, str):
             kwargs.update(type=hint)
+        elif origin is tuple:  # tuple[str, ...]: one or more values after the flag
+            kwargs.update(nargs="+", type=args[0], metavar=field.name.upper())
         else:  # Optional[...]
             inner = [a for a in args if a is not type(None)]
             kwargs.update(type=inner[0] if inner else str)
@@ -93,7 +95,8 @@ def default_dtype(backend: str) -> str:
 
 
 def overrides_for(args: argparse.Namespace, cls) -> dict:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    return {f.name: tuple(value) if isinstance(value, list) else value
+            for f in dataclasses.fields(cls) if (value := getattr(args, f.name, None)) is not None}
 
 
 def run_main(prog: str, main) -> None:

@@ -1,6 +1,7 @@
-"""A whole translation run: data, tokenizer, model, the jitted/pmapped/mesh train step, the training
-loop (`training/loop.py`) with this run's hooks (metrics, evaluation, checkpoints that resume
-exactly), and scoring at the end. train.py only parses flags and drives a `Trainer`.
+"""A whole run of any task (`transformer/tasks/`): the task's data and tokenizer, its model, the
+jitted/pmapped/mesh train step of its objective, the training loop (`training/loop.py`) with this
+run's hooks (metrics, evaluation, checkpoints that resume exactly), and the task's report at the
+end. train.py only parses flags and drives a `Trainer`; nothing here names a task.
 
 Where the state lives (`parallel/layout.py`): `Trainer.state` is always one copy (what is
 checkpointed, scored and handed to decoding): host-side arrays under pmap, global arrays sharded
@@ -12,17 +13,15 @@ One live run per work dir: `WorkdirLock`. A resumed run must use the run's setti
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import sys
 from typing import Sequence
 
 import jax
-import numpy as np
 
 from transformer import data as data_lib
 from transformer.config import TransformerConfig
-from transformer.data.tokenizer import CharTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
+from transformer.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 from transformer.nn.attention import resolve_attention_impl
 from transformer.parallel.layout import MeshLayout, PmapLayout
 from transformer.parallel.mesh import ParallelConfig, check_model_fits, make_mesh
@@ -30,8 +29,9 @@ from transformer.run.checkpoint import Checkpoints, NonFiniteState
 from transformer.run.cli import RunStopped, UserError, disk_full
 from transformer.run.metrics import MetricsWriter, plot_curves
 from transformer.run.workdir import WorkdirLock, check_resume, check_workdir, write_config_json
+from transformer.tasks.base import RunView, Task
 from transformer.training import (
-    LoopHooks, TrainConfig, TrainLoop, compile_mesh_steps, compile_steps, create_train_state, summarize,
+    LoopHooks, TrainConfig, TrainLoop, compile_mesh_steps, compile_steps, create_train_state,
 )
 
 
@@ -39,49 +39,21 @@ class NonFiniteLoss(RunStopped):
     pass
 
 
-@dataclasses.dataclass
-class Corpus:
-    train: list
-    eval: list
-    test: list | None
-
-
-def load_corpus(config: TrainConfig) -> Corpus:
-    """Sentence pairs of the train / eval / (optional) test splits."""
-    if config.dataset_dir:
-        def load(split):
-            return data_lib.load_folder_pairs(config.dataset_dir, split, config.src_lang, config.tgt_lang)
-        has_test = os.path.exists(os.path.join(config.dataset_dir, f"{config.src_lang}.{config.test_split}.txt"))
-    elif config.dataset == "reverse":
-        return Corpus(data_lib.reverse_task_pairs(config.synthetic_examples, seed=config.seed),
-                      data_lib.reverse_task_pairs(1000, seed=config.seed + 10_000), None)
-    else:
-        def load(split):
-            return data_lib.load_tfds_pairs(config.dataset, split, config.src_lang, config.tgt_lang, config.tfds_data_dir)
-        has_test = True
-    test = None
-    if has_test:
-        try:
-            test = load(config.test_split)
-        except data_lib.DataError:
-            test = None  # a dataset without a test split is scored on validation only
-    return Corpus(load(config.train_split), load(config.eval_split), test)
-
-
-def make_tokenizer(config: TrainConfig, corpus: Corpus, vocab_size: int, workdir: str, resume: bool = False) -> Tokenizer:
+def make_tokenizer(config: TrainConfig, task: Task, vocab_size: int, workdir: str, resume: bool = False) -> Tokenizer:
     """On resume, the work dir's tokenizer; else a new one saved there (replacing any tokenizer a
-    run that failed before writing config.json left behind: nothing was trained with it)."""
+    run that failed before writing config.json left behind: nothing was trained with it): the
+    task's own vocabulary if it has one, else SentencePiece trained on the task's texts."""
     if resume:
         tokenizer = load_tokenizer(workdir)
         if tokenizer is None:
             raise UserError(f"work dir {workdir!r} has config.json but no tokenizer (spm.model or chars.json): "
                             "put it back or choose a new --workdir")
         return tokenizer
-    if config.dataset == "reverse" and not config.dataset_dir:
-        tokenizer = CharTokenizer(data_lib.REVERSE_ALPHABET)
+    tokenizer = task.fixed_tokenizer()
+    if tokenizer is not None:
         tokenizer.save(workdir)
         return tokenizer
-    texts = (text for pair in corpus.train for text in pair)
+    texts = task.tokenizer_texts()
     try:
         return SentencePieceTokenizer.train(texts, vocab_size, workdir, model_type=config.tokenizer_type)
     except RuntimeError as err:  # SentencePiece's trainer reports bad input as RuntimeError("INTERNAL: …")
@@ -110,9 +82,10 @@ class Trainer:
     (with TensorBoard's background thread): use it as a context manager, or call `close()`, so that
     they are released on every way out (finish, NaN, SIGTERM, SIGINT, an error)."""
 
-    def __init__(self, model_config: TransformerConfig, train_config: TrainConfig, workdir: str,
+    def __init__(self, model_config: TransformerConfig, train_config: TrainConfig, workdir: str, *, task: Task,
                  show_progress: bool = True, devices: Sequence | None = None,
                  parallel: ParallelConfig | None = None):
+        self.task = task
         self.parallel = parallel or ParallelConfig()
         self.requested_devices = devices
         self.is_main_process = jax.process_index() == 0  # writes metrics, prints, holds the work dir's lock
@@ -129,18 +102,28 @@ class Trainer:
             raise
 
     def _start(self, model_config: TransformerConfig, train_config: TrainConfig) -> None:
-        workdir = self.workdir
+        workdir, task = self.workdir, self.task
         check_workdir(workdir)
         if jax.process_index() == 0:  # the other hosts of a multi-host run share process 0's work dir
             self.lock = WorkdirLock(workdir)
-        saved = check_resume(workdir, model_config, train_config)
+        saved = check_resume(workdir, model_config, train_config, task)
+        if saved is not None:
+            task.info = dict(saved.get("task_info", {}))
         _all_processes_reach("the work dir's settings are read")  # before process 0 writes any of them
-        self.corpus = load_corpus(train_config)
-        if saved is None and jax.process_index() > 0:  # process 0 trains the run's tokenizer; the others load it
+        source = None
+        if saved is None and train_config.init_from:  # a new run from another run's parameters
+            from transformer.run import init_from
+
+            source = init_from.Source(train_config.init_from)
+        task.load()
+        if saved is None and source is not None and jax.process_index() == 0:
+            source.copy_tokenizer(workdir)  # the source's tokenizer, in this run's own work dir
+        if saved is None and jax.process_index() > 0:  # process 0 makes the run's tokenizer; the others load it
             _all_processes_reach("the tokenizer is saved")
-            self.tokenizer = make_tokenizer(train_config, self.corpus, model_config.vocab_size, workdir, resume=True)
+            self.tokenizer = make_tokenizer(train_config, task, model_config.vocab_size, workdir, resume=True)
         else:
-            self.tokenizer = make_tokenizer(train_config, self.corpus, model_config.vocab_size, workdir, saved is not None)
+            self.tokenizer = make_tokenizer(train_config, task, model_config.vocab_size, workdir,
+                                            saved is not None or source is not None)
             if saved is None:
                 _all_processes_reach("the tokenizer is saved")
         requested_vocab_size = model_config.vocab_size
@@ -148,40 +131,37 @@ class Trainer:
         if saved is not None and saved["model"]["vocab_size"] != model_config.vocab_size:
             raise UserError(f"the tokenizer in {workdir!r} has {model_config.vocab_size} pieces but its config.json "
                             f"says {saved['model']['vocab_size']}: put back the run's tokenizer or choose a new --workdir")
-        if jax.process_index() == 0:  # new run: the settings; resume: the ones allowed to change, updated
-            write_config_json(workdir, model_config, train_config,
-                               saved.get("requested_vocab_size", requested_vocab_size) if saved else requested_vocab_size)
-        self.model_config = model_config
         cfg = train_config
+        if jax.process_index() == 0:  # new run: the settings; resume: the ones allowed to change, updated
+            write_config_json(workdir, model_config, train_config, task,
+                              saved.get("requested_vocab_size", requested_vocab_size) if saved else requested_vocab_size)
+        self.model_config = model_config
+        model_cls = task.model_cls()
+        objective = task.objective(model_config)
+        made: dict = {}
+
+        def init():
+            made["graphdef"], state, made["tx"] = create_train_state(self.model_config, cfg, model_cls)
+            return state
+
         if self.parallel.parallel == "mesh":
             mesh = make_mesh(self.parallel, self.requested_devices)
             check_model_fits(self.model_config, mesh)
-            made: dict = {}
-
-            def init():
-                made["graphdef"], state, made["tx"] = create_train_state(self.model_config, cfg)
-                return state
-
             self.layout = MeshLayout(mesh, jax.eval_shape(init))
             # Created where it lives, each device computing only its shards: it may not fit one device.
             state = jax.jit(init, out_shardings=self.layout.state_shardings)()
             self.graphdef, self.tx = made["graphdef"], made["tx"]
             self.train_step, self.eval_step = compile_mesh_steps(
-                self.graphdef, self.tx, self.model_config, cfg, self.layout.state_shardings,
+                self.graphdef, self.tx, objective, cfg, self.layout.state_shardings,
                 self.layout.batch_sharding, self.layout.replicated)
         else:
-            self.graphdef, state, self.tx = create_train_state(self.model_config, cfg)
+            state = init()
+            self.graphdef, self.tx = made["graphdef"], made["tx"]
             self.layout = PmapLayout(self.requested_devices)
-            self.train_step, self.eval_step = compile_steps(self.graphdef, self.tx, self.model_config, cfg,
+            self.train_step, self.eval_step = compile_steps(self.graphdef, self.tx, objective, cfg,
                                                             self.layout.n_devices)
         self.devices, self.n_devices = self.layout.devices, self.layout.n_devices
-        self.train_examples = data_lib.encode_pairs(self.corpus.train, self.tokenizer, cfg.max_length)
-        self.eval_examples = data_lib.encode_pairs(self.corpus.eval, self.tokenizer, cfg.max_length)
-        multiple = self.layout.batch_multiple
-        self.train_plan = data_lib.BatchPlan(self.train_examples, cfg.batch_tokens, cfg.max_length, multiple,
-                                             packing=cfg.packing, seed=cfg.seed)
-        self.eval_plan = data_lib.BatchPlan(self.eval_examples, cfg.batch_tokens, cfg.max_length, multiple,
-                                            packing=False, shuffle=False)
+        self.train_plan, self.eval_plan = task.plans(self.tokenizer, self.layout.batch_multiple)
         # What computes attention in the training step (for attention_impl="auto", the choice made for
         # this run's batches: packed rows' segment masks go to XLA except on a TPU, where the Pallas
         # kernel takes their segment ids; the decoding step always goes to XLA).
@@ -196,7 +176,10 @@ class Trainer:
         if newest is not None:
             self.resumed_from, self.state, meta = newest
             self.data_position = int(meta["data_position"])
-        self.metrics.write(self.resumed_from or 0, "run", attention_impl=self.attention_impl,
+        elif source is not None:  # never on resume: a checkpoint of this run holds what it learned since
+            self.state = self.state.replace(params=source.load_into(self.state.params, workdir,
+                                                                    say=print if self.is_main_process else None))
+        self.metrics.write(self.resumed_from or 0, "run", task=task.name, attention_impl=self.attention_impl,
                            attention_impl_asked=self.model_config.attention_impl, platform=self.devices[0].platform,
                            parallel=self.layout.mode, devices=self.n_devices, processes=jax.process_count(),
                            mesh=dict(self.layout.mesh.shape) if self.layout.mode == "mesh" else None)
@@ -239,7 +222,7 @@ class Trainer:
             metrics = self.layout.one_copy(jax.device_get(self.eval_step(params, place(batch))))
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
-        return summarize(totals)
+        return self.task.summarize(totals)
 
     def model(self, params=None):
         """The model with `params` (default: a host copy of the run's current parameters)."""
@@ -257,7 +240,7 @@ class Trainer:
         """Checkpoint `state` (per-device copies inside `run`, else host) as `step`."""
         host_state = self.layout.one_copy(state)
         try:
-            self.checkpoints.save(step, host_state, {"data_position": int(host_state.step), "step": step})
+            self.checkpoints.save(step, host_state, {"data_position": int(host_state.micro_step), "step": step})
         except NonFiniteState as err:
             raise NonFiniteLoss(self._non_finite(f"the state became non-finite ({err}; not saved)", step)) from None
         except Exception as err:
@@ -274,7 +257,8 @@ class Trainer:
         cfg = self.train_config
         start_micro = self.data_position
         batches = data_lib.prefetch(self._host_batches(self.train_plan, start_micro), self.layout.placer())
-        loop = TrainLoop(self.train_step, cfg.loop, self._hooks(), show_progress=self.show_progress)
+        loop = TrainLoop(self.train_step, dataclasses.replace(cfg.loop, throughput=self.task.throughput), self._hooks(),
+                         show_progress=self.show_progress)
         try:
             result = loop.run(self.layout.to_devices(self.state), (batch for _, batch in batches), start_micro,
                               vouch_first=self.resumed_from is not None)
@@ -283,10 +267,10 @@ class Trainer:
             try:  # back to one copy (see the module docstring), also when the loop ended in an error
                 if loop.state is not None:
                     self.state = self.layout.one_copy(loop.state)
-                    self.data_position = int(self.state.step)
+                    self.data_position = int(self.state.micro_step)
             except RuntimeError:  # its buffers went to a step that never finished (the error on the way out says why)
                 pass
-        summary: dict = {"resumed_from": self.resumed_from, "step": int(self.state.step) // cfg.grad_accum_steps}
+        summary: dict = {"resumed_from": self.resumed_from, "step": int(self.state.step)}
         if result.evaluation is not None:
             summary["validation"] = result.evaluation
         if result.stopped_by_signal:
@@ -305,7 +289,8 @@ class Trainer:
 
         return LoopHooks(log=lambda step, metrics: self.metrics.write(step, "train", **metrics), evaluate=evaluate,
                          save=save, non_finite=lambda what, step: NonFiniteLoss(self._non_finite(what, step)),
-                         one_copy=self.layout.one_copy, learning_rate=self._learning_rate)
+                         one_copy=self.layout.one_copy, learning_rate=self._learning_rate,
+                         summarize=self.task.summarize)
 
     def _non_finite(self, what: str, step: int) -> str:
         """The message of a NaN/inf at `step`. It came from the state of step - 1: a checkpoint of
@@ -327,41 +312,14 @@ class Trainer:
                                         self.train_config.lr_scale)
         return float(schedule(max(step - 1, 0)))
 
-    # -- the end of a run: translations and scores ---------------------------------------------
-
-    def translate_texts(self, texts: Sequence[str], beam_size: int | None = None, batch_size: int = 64,
-                        progress: bool = False) -> list[str]:
-        from transformer.decoding import translate_batches
-
-        cfg = self.train_config
-        return translate_batches(self.model(), self.tokenizer, texts, beam_size or cfg.beam_size,
-                                 cfg.length_penalty, cfg.max_decode_extra, batch_size, progress=progress)
+    # -- the end of a run: the task's report ---------------------------------------------------
 
     def finish(self) -> dict:
-        """Final scores: exact match on the generated task, sacreBLEU on real data; and the plot."""
-        cfg = self.train_config
-        results: dict = {}
-        if cfg.dataset == "reverse" and not cfg.dataset_dir:
-            pairs = self.corpus.eval
-            hypotheses = self.translate_texts([s for s, _ in pairs])
-            exact = float(np.mean([h == t for h, (_, t) in zip(hypotheses, pairs)]))
-            results["exact_match"] = exact
-            results["examples"] = [(s, h) for (s, _), h in list(zip(pairs, hypotheses))[:5]]
-            self.metrics.write(int(self.state.step) // cfg.grad_accum_steps, "validation", exact_match=exact)
-        else:
-            from transformer.decoding.bleu import corpus_bleu
-
-            for split, pairs in (("validation", self.corpus.eval), ("test", self.corpus.test)):
-                if not pairs:
-                    continue
-                if cfg.bleu_examples:
-                    pairs = pairs[: cfg.bleu_examples]
-                hypotheses = self.translate_texts([s for s, _ in pairs], progress=self.show_progress)
-                score = corpus_bleu(hypotheses, [t for _, t in pairs])
-                results[f"{split}_bleu"] = score.score
-                results[f"{split}_bleu_signature"] = score.signature
-                results.setdefault("examples", [(s, h) for (s, _), h in list(zip(pairs, hypotheses))[:5]])
-                self.metrics.write(int(self.state.step) // cfg.grad_accum_steps, split, bleu=score.score,
-                                   bleu_signature=score.signature)
+        """The task's end-of-run scores and examples (written into metrics.jsonl), and the curves' plot."""
+        step = int(self.state.step)
+        view = RunView(model=self.model(), tokenizer=self.tokenizer, step=step, workdir=self.workdir,
+                       write=lambda split, **values: self.metrics.write(step, split, **values),
+                       show_progress=self.show_progress)
+        results = self.task.finish(view)
         results["plot"] = plot_curves(self.workdir) if jax.process_index() == 0 else None
         return results

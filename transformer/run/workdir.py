@@ -14,6 +14,7 @@ import time
 from transformer.config import ConfigError, TransformerConfig
 from transformer.nn.attention import resolve_attention_impl
 from transformer.run.cli import UserError
+from transformer.tasks.base import Task
 from transformer.training.config import TrainConfig
 
 
@@ -69,9 +70,9 @@ class WorkdirLock:
 # TrainConfig fields a resumed run may change. Everything else (data, batching, optimizer, seed,
 # random-number generator, label smoothing, accumulation) must stay, or the run would silently become
 # a different one. lr_scale and warmup_steps are the remedy after a NaN, so they may change, with a note.
+# init_from only matters at a run's start: a resumed run never reloads it.
 RESUME_MAY_CHANGE = ("num_train_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
-                     "keep_checkpoints", "eval_split", "test_split", "tfds_data_dir", "beam_size", "length_penalty",
-                     "max_decode_extra", "bleu_examples")
+                     "keep_checkpoints", "eval_split", "test_split", "tfds_data_dir", "init_from")
 RESUME_MAY_CHANGE_WITH_NOTE = ("lr_scale", "warmup_steps")
 # TransformerConfig fields that change how the same model is computed, not what it computes.
 MODEL_MAY_CHANGE = ("attention_impl", "remat")
@@ -99,22 +100,43 @@ def _read_config_json(workdir: str) -> dict:
                         "or choose a new --workdir") from None
 
 
-def _configs_from_json(saved: dict, path: str) -> tuple[TransformerConfig, TrainConfig]:
+def _settings_from_json(saved: dict, path: str) -> tuple[TransformerConfig, TrainConfig, Task]:
+    """The model config, the training recipe and the task (its config and what it learned from the
+    data) that config.json records. A config.json of the versions before tasks (one "train" section
+    that held translation's options too) reads as a translation run."""
+    from transformer.tasks import TASKS
+
+    train = dict(saved["train"])
+    name = saved.get("task", "translate")
+    if name not in TASKS:
+        raise UserError(f"{path} names task {name!r}, which this version does not have ({', '.join(TASKS)})")
+    task_cls = TASKS[name]
+    task_fields = saved.get("task_config")
+    if task_fields is None:  # before tasks: translation's fields were in "train"
+        own = {f.name for f in dataclasses.fields(task_cls.Config)}
+        task_fields = {k: train.pop(k) for k in list(train) if k in own}
     try:
-        return TransformerConfig(**saved["model"]), TrainConfig(**saved["train"])
+        train_config = TrainConfig(**train)
+        task = task_cls(task_cls.Config(**task_fields), train_config)
+        task.info = dict(saved.get("task_info", {}))
+        return TransformerConfig(**saved["model"]), train_config, task
     except TypeError as err:  # unknown or missing fields
         raise UserError(f"{path} does not describe a run of this version ({err}): choose a new --workdir") from None
 
 
-def check_resume(workdir: str, model_config: TransformerConfig, train_config: TrainConfig) -> dict | None:
-    """On resume (config.json exists), refuse settings that differ from the saved run's, except
-    RESUME_MAY_CHANGE (silently) and RESUME_MAY_CHANGE_WITH_NOTE (with a line on stderr). The
+def check_resume(workdir: str, model_config: TransformerConfig, train_config: TrainConfig, task: Task) -> dict | None:
+    """On resume (config.json exists), refuse settings that differ from the saved run's (the task,
+    the model, the training recipe and the task's config), except RESUME_MAY_CHANGE and the task's
+    own `RESUME_MAY_CHANGE` (silently) and RESUME_MAY_CHANGE_WITH_NOTE (with a line on stderr). The
     requested --vocab_size counts too: the tokenizer would otherwise be silently reused."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return None
     saved = _read_config_json(workdir)
-    saved_model, saved_train = _configs_from_json(saved, path)
+    saved_model, saved_train, saved_task = _settings_from_json(saved, path)
+    if saved_task.name != task.name:
+        raise UserError(f"work dir {workdir!r} holds a {saved_task.name} run, not {task.name}: resume it with "
+                        f"--task {saved_task.name}, or choose a new --workdir")
     differ = []
     for field, old in dataclasses.asdict(saved_model).items():
         new = getattr(model_config, field)
@@ -127,6 +149,10 @@ def check_resume(workdir: str, model_config: TransformerConfig, train_config: Tr
         new = getattr(train_config, field)
         if new != old and field not in RESUME_MAY_CHANGE:
             (noted if field in RESUME_MAY_CHANGE_WITH_NOTE else differ).append(f"--{field} {old} -> {new}")
+    for field, old in dataclasses.asdict(saved_task.config).items():
+        new = getattr(task.config, field)
+        if new != old and field not in task.RESUME_MAY_CHANGE:
+            differ.append(f"--{field} {old} -> {new}")
     if differ:
         fresh = "" if _checkpoint_steps(workdir) else " (it has no checkpoint yet: delete it to start afresh)"
         raise UserError(
@@ -138,54 +164,69 @@ def check_resume(workdir: str, model_config: TransformerConfig, train_config: Tr
     return saved
 
 
-def write_config_json(workdir: str, model_config: TransformerConfig, train_config: TrainConfig,
-                       requested_vocab_size: int) -> None:
+def write_config_json(workdir: str, model_config: TransformerConfig, train_config: TrainConfig, task: Task,
+                      requested_vocab_size: int) -> None:
     """Atomically (a rename), so that a run stopped half-way never leaves a truncated file."""
     path = os.path.join(workdir, "config.json")
-    record = {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(train_config),
+    record = {"task": task.name, "model": dataclasses.asdict(model_config), "train": dataclasses.asdict(train_config),
+              "task_config": dataclasses.asdict(task.config), "task_info": task.info,
               "requested_vocab_size": requested_vocab_size}
     with open(path + ".tmp", "w") as f:
         json.dump(record, f, indent=2)
     os.replace(path + ".tmp", path)
 
 
-def load_run_config(workdir: str, attention_impl: str | None = None) -> tuple[TransformerConfig, TrainConfig]:
-    """The run's configs, its model config set to run on this machine: `attention_impl` if given, else
-    the run's where this device can run it, else "auto" with a note on standard error (a run trained
-    with cuDNN attention on a GPU is translated or averaged on a CPU). The implementation changes how
+def load_run_config(workdir: str, attention_impl: str | None = None) -> tuple[TransformerConfig, TrainConfig, Task]:
+    """The run's configs and task, its model config set to run on this machine: `attention_impl` if
+    given, else the run's where this device can run it, else "auto" with a note on standard error (a
+    run trained with cuDNN attention on a GPU is used on a CPU). The implementation changes how
     attention is computed, not the parameters (MODEL_MAY_CHANGE)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise UserError(f"{path} not found: --workdir must be the folder of a train.py run")
-    model_config, train_config = _configs_from_json(_read_config_json(workdir), path)
+    model_config, train_config, task = _settings_from_json(_read_config_json(workdir), path)
     if attention_impl is not None:
-        return dataclasses.replace(model_config, attention_impl=attention_impl), train_config
+        return dataclasses.replace(model_config, attention_impl=attention_impl), train_config, task
     try:
         resolve_attention_impl(model_config)
     except ConfigError as err:
         print(f"note: the run's attention_impl={model_config.attention_impl!r} cannot run here ({err}); "
               f"using 'auto'", file=sys.stderr)
         model_config = dataclasses.replace(model_config, attention_impl="auto")
-    return model_config, train_config
+    return model_config, train_config, task
 
 
-def load_run_model(workdir: str, average_last: int = 1, step: int | None = None, attention_impl: str | None = None):
+def run_state_like(model_config: TransformerConfig, train_config: TrainConfig, task: Task):
+    """(graphdef, a freshly initialised TrainState of the run's structure) — what a checkpoint of the
+    run restores into."""
+    from transformer.training import create_train_state
+
+    graphdef, like, _ = create_train_state(model_config, train_config, task.model_cls())
+    return graphdef, like
+
+
+def load_run_model(workdir: str, average_last: int = 1, step: int | None = None, attention_impl: str | None = None,
+                   task: str | None = None):
     """(model, tokenizer, checkpoint steps used) of a train.py work dir: its newest usable checkpoint
     (or `step`), or the average of its last `average_last` (§6.1), the model config as
-    `load_run_config` makes it for this machine. What is not a run's work dir raises UserError."""
+    `load_run_config` makes it for this machine; the model is the run's task's family. With `task`,
+    a run of another task is refused in one line (translate.py takes translation runs only). What
+    is not a run's work dir raises UserError."""
     from flax import nnx
 
     from transformer.data.tokenizer import load_tokenizer
     from transformer.run.checkpoint import load_params
-    from transformer.training import create_train_state
 
     if not os.path.isdir(workdir):
         raise UserError(f"--workdir {workdir!r} is not a folder: give the work dir of a train.py run")
-    model_config, train_config = load_run_config(workdir, attention_impl)
+    model_config, train_config, run_task = load_run_config(workdir, attention_impl)
+    if task is not None and run_task.name != task:
+        raise UserError(f"{workdir} holds a {run_task.name} run, not a {task} run: give the work dir of a "
+                        f"train.py --task {task} run")
     tokenizer = load_tokenizer(workdir)
     if tokenizer is None:
         raise UserError(f"no tokenizer in {workdir}: --workdir must be the folder of a train.py run")
-    graphdef, like, _ = create_train_state(model_config, train_config)
+    graphdef, like = run_state_like(model_config, train_config, run_task)
     try:
         state, used = load_params(workdir, like, average_last, step)
     except FileNotFoundError as err:

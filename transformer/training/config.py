@@ -1,4 +1,4 @@
-"""The training recipe (§5) as one frozen config, with the presets of train.py's --config, and the
+"""The training recipe (§5) shared by every task, with the presets of train.py's --config, and the
 training loop's config (how long, how often to log, evaluate, checkpoint)."""
 
 from __future__ import annotations
@@ -32,34 +32,37 @@ class LoopConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The training recipe; defaults are the paper's (§5), with the data options of train.py."""
+    """The training recipe shared by every task; defaults are the paper's (§5). A task's own data
+    and evaluation options are in its config (`transformer/tasks/`)."""
 
-    dataset: str = "reverse"  # "reverse" (generated, no download) or a tfds name, e.g. wmt14_translate/de-en
-    dataset_dir: str | None = None  # a folder of {lang}.{split}.txt files (tfds.TranslateFolder layout)
     tfds_data_dir: str | None = None
-    src_lang: str = "en"  # the paper translates English -> German
-    tgt_lang: str = "de"
     train_split: str = "train"
     eval_split: str = "validation"
     test_split: str = "test"
     num_train_steps: int = 100_000  # §5.3: base models trained for 100k steps
     batch_tokens: int = 25_000  # §5.1: ~25k source and ~25k target tokens per batch
-    max_length: int = 256  # longest source or target (in tokens, EOS included) kept
+    max_length: int = 256  # longest sequence (in tokens, EOS included) kept
     packing: bool = False
-    synthetic_examples: int = 50_000  # size of the generated training set of the "reverse" task
     # §5.1: byte-pair encoding (SentencePiece's BPE trainer); "unigram" is SentencePiece's unigram
-    # language model, a departure. Unused by the generated task, which has a character vocabulary.
+    # language model, a departure. Unused by the generated tasks, which have a character vocabulary.
     tokenizer_type: Literal["bpe", "unigram"] = "bpe"
-    # §5.3 Adam and the learning-rate schedule.
+    # §5.3 Adam and the learning-rate schedule ("noam"; "linear" and "constant" are for fine-tuning).
+    schedule: Literal["noam", "linear", "constant"] = "noam"
+    learning_rate: float | None = None  # the peak rate of "linear" and "constant"; noam's comes from d_model
     adam_b1: float = 0.9
     adam_b2: float = 0.98
     adam_eps: float = 1e-9
     warmup_steps: int = 4000
     lr_scale: float = 1.0  # multiplies the §5.3 schedule (1.0 is the paper's)
+    freeze: tuple[str, ...] = dataclasses.field(
+        default=(), metadata={"help": "parameters kept fixed: regular expressions searched in their paths, e.g. embed "
+                                      "encoder/layers/[0-3]"})
     label_smoothing: float = 0.1  # §5.4
     # Micro-batches per update: the update is the one-step update on their union (gradients summed,
     # divided once by all their real target tokens), so batch_tokens·grad_accum_steps is the batch.
     grad_accum_steps: int = 1
+    # Start a new run from another run's parameters (fine-tuning): WORKDIR or WORKDIR@STEP.
+    init_from: str | None = None
     # Bookkeeping.
     log_every: int = 100
     eval_every: int = 1000
@@ -68,41 +71,35 @@ class TrainConfig:
     keep_checkpoints: int = 5
     seed: int = 0
     rng_impl: str = "threefry2x32"  # "rbg"/"unsafe_rbg" make dropout masks cheaper on accelerators
-    # §6.1 inference.
-    beam_size: int = 4
-    length_penalty: float = 0.6
-    max_decode_extra: int = 50  # output length limit = input length + 50
-    bleu_examples: int = 0  # 0 = score the whole eval/test split at the end
 
     def __post_init__(self):
-        positive = ("num_train_steps", "batch_tokens", "max_length", "warmup_steps", "grad_accum_steps",
-                    "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "beam_size",
-                    "synthetic_examples")
+        object.__setattr__(self, "freeze", tuple(self.freeze))  # config.json gives a list
+        positive = ("num_train_steps", "batch_tokens", "max_length", "grad_accum_steps",
+                    "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("eval_batches", "bleu_examples", "max_decode_extra"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        for name in ("adam_b1", "adam_b2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not isinstance(self.eval_batches, int) or self.eval_batches < 0:
+            raise ConfigError(f"eval_batches must be a non-negative integer, got {self.eval_batches!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if not self.adam_eps > 0 or not self.lr_scale > 0:
-            raise ConfigError("adam_eps and lr_scale must be positive")
-        if self.length_penalty < 0:
-            raise ConfigError(f"length_penalty must be >= 0, got {self.length_penalty!r}")
         if self.tokenizer_type not in TOKENIZER_TYPES:
             raise ConfigError(
                 f"tokenizer_type must be one of {', '.join(TOKENIZER_TYPES)}; got {self.tokenizer_type!r}"
             )
         if self.rng_impl not in RNG_IMPLS:
             raise ConfigError(f"rng_impl must be one of {', '.join(RNG_IMPLS)}; got {self.rng_impl!r}")
-        if self.src_lang == self.tgt_lang:
-            raise ConfigError(f"src_lang and tgt_lang are both {self.src_lang!r}: choose two languages")
+        # MERGE: self.optimizer  # validates the optimizer's share
 
+    @property
+    def optimizer(self):
+        """The optimizer's share of the recipe (`training/optimizer.py`)."""
+        from transformer.training.optimizer import OptimizerConfig
+
+        return OptimizerConfig(schedule=self.schedule, learning_rate=self.learning_rate,
+                               warmup_steps=self.warmup_steps, lr_scale=self.lr_scale, adam_b1=self.adam_b1,
+                               adam_b2=self.adam_b2, adam_eps=self.adam_eps, freeze=tuple(self.freeze))
 
     @property
     def loop(self) -> LoopConfig:
@@ -116,7 +113,7 @@ class TrainConfig:
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # The embedded demo: reverse letter strings; a few minutes on a laptop CPU.
     "tiny": dict(num_train_steps=3000, batch_tokens=1024, max_length=16, warmup_steps=200, lr_scale=2.0,
-                 log_every=100, eval_every=1000, checkpoint_every=1000, synthetic_examples=20_000, beam_size=1),
+                 log_every=100, eval_every=1000, checkpoint_every=1000),
     "base": dict(),
     # §6.1: big models trained for 300k steps.
     "big": dict(num_train_steps=300_000),

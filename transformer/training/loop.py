@@ -13,8 +13,9 @@ What it does itself:
   them stops all of them at the same step (JAX's preemption sync point).
 
 The step's metrics must hold `loss_sum` (the summed loss, checked for NaN/inf) and the sums that
-`summarize` turns into means (`tokens`, `nll_sum`, `correct`); the keys of `LoopConfig.throughput`
-that are present are counted in `tokens_per_s`.
+the hooks' `summarize` turns into means (one with "loss"; by default the token metrics of
+`training/loss.py`); the keys of `LoopConfig.throughput` that are present are counted in
+`tokens_per_s`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer.training.config import LoopConfig
-from transformer.training.step import summarize
+from transformer.training.loss import token_means
 
 State = Any  # the train state as the step holds it (one copy per device under pmap)
 Metrics = dict[str, jax.Array]
@@ -58,6 +59,7 @@ class LoopHooks:
     non_finite: Callable[[str, int], BaseException] = NonFinite  # (what, step) -> the error to raise
     one_copy: Callable[[Any], Any] = lambda tree: tree  # the step's per-device results -> one copy
     learning_rate: Callable[[int], float] | None = None  # step -> the rate its update used
+    summarize: Callable[[dict[str, float]], dict[str, float]] = token_means  # summed metrics -> means (with "loss")
 
 
 @dataclasses.dataclass
@@ -190,7 +192,7 @@ class TrainLoop:
                 totals[k] = totals.get(k, 0.0) + float(v)
         now = time.perf_counter()
         elapsed, self._last_log = now - self._last_log, now
-        means = summarize(totals)
+        means = self.hooks.summarize(totals)
         means["tokens_per_s"] = sum(totals.get(k, 0.0) for k in self.config.throughput) / max(elapsed, 1e-9)
         if self.hooks.learning_rate is not None:
             means["learning_rate"] = float(self.hooks.learning_rate(step))

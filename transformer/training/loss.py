@@ -42,3 +42,14 @@ def loss_and_metrics(
     correct = (z.max(axis=-1) <= z_target).astype(jnp.float32)
     return {"loss_sum": (loss * weights).sum(), "nll_sum": (nll * weights).sum(),
             "correct": (correct * weights).sum(), "tokens": weights.sum()}
+
+
+def token_means(sums: dict[str, float]) -> dict[str, float]:
+    """Per-token means of summed token metrics (`loss_and_metrics`'s, added over batches): loss,
+    NLL, accuracy, and perplexity = exp(mean NLL) (the NLL is without label smoothing)."""
+    import math
+
+    tokens = max(sums["tokens"], 1.0)
+    nll = sums["nll_sum"] / tokens
+    return {"loss": sums["loss_sum"] / tokens, "nll": nll, "accuracy": sums["correct"] / tokens,
+            "perplexity": math.exp(min(nll, 50.0))}

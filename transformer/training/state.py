@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -25,25 +27,29 @@ def make_optimizer(model_config: TransformerConfig, train_config: TrainConfig) -
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # micro-batches done (= updates done · grad_accum_steps)
+    step: jax.Array  # []: updates done (what the schedule, the logs and the checkpoints count)
+    micro_step: jax.Array  # []: micro-batches done (= step · grad_accum_steps between updates); the data position
     params: nnx.State
     opt_state: optax.OptState
-    rng: jax.Array  # raw key data; dropout keys are folded from it per step and device
+    rng: jax.Array  # raw key data; dropout keys are folded from it per micro-step and device
     # Gradient accumulation (None when grad_accum_steps == 1): the gradient of the summed loss over
-    # the micro-batches of the current update so far, and their real target tokens.
+    # the micro-batches of the current update so far, and the sum of what the loss counts.
     grad_sum: nnx.State | None = None
-    tokens_sum: jax.Array | None = None
+    count_sum: jax.Array | None = None
 
 
 def create_train_state(
-    model_config: TransformerConfig, train_config: TrainConfig, model_cls=Transformer
+    model_config: TransformerConfig, train_config: TrainConfig, model_cls: Callable[..., nnx.Module] = Transformer
 ) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
-    """A freshly initialised model, split into its static graph and its parameters."""
+    """A freshly initialised model `model_cls(model_config, rngs=…)` (a task's model family, e.g.
+    `functools.partial(TransformerClassifier, num_classes=2)`), split into its static graph and its
+    parameters, with the optimizer and its state."""
     model = model_cls(model_config, rngs=nnx.Rngs(params=train_config.seed))
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(model_config, train_config)
     rng = jax.random.key_data(jax.random.key(train_config.seed + 1, impl=train_config.rng_impl))
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+    state = TrainState(step=jnp.zeros((), jnp.int32), micro_step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=tx.init(params), rng=rng)
     if train_config.grad_accum_steps > 1:
-        state = state.replace(grad_sum=jax.tree.map(jnp.zeros_like, params), tokens_sum=jnp.zeros((), jnp.float32))
+        state = state.replace(grad_sum=jax.tree.map(jnp.zeros_like, params), count_sum=jnp.zeros((), jnp.float32))
     return graphdef, state, tx
