@@ -108,13 +108,13 @@ def test_gradient_accumulation_counts_micro_batches():
     after_two, _ = step(kept, batch)
     assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(after_two.params), jax.tree.leaves(state.params)))
     # The update emptied the accumulators, and Adam (whose count drives the §5.3 schedule) counted one update.
-    assert float(after_two.tokens_sum) == 0.0
+    assert float(after_two.count_sum) == 0.0
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(after_two.grad_sum))
     counts = optax.tree_utils.tree_get_all_with_path(after_two.opt_state, "count")  # Adam's and the schedule's
     assert len(counts) == 2 and all(int(c) == 1 for _, c in counts)
     # Without accumulation the state has no accumulators.
     _, plain, _ = create_train_state(MODEL, TrainConfig(warmup_steps=10))
-    assert plain.grad_sum is None and plain.tokens_sum is None
+    assert plain.grad_sum is None and plain.count_sum is None
 
 
 def _examples(target_lengths, seed, length=16):

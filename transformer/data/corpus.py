@@ -142,3 +142,39 @@ def load_folder_pairs(root: str, split: str, src_lang: str, tgt_lang: str) -> li
     also splits lines at characters such as U+2028 that a line count with `wc -l` does not see."""
     texts = _read_folder_split(root, split, [src_lang, tgt_lang])
     return list(zip(texts[src_lang], texts[tgt_lang]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated text for the other tasks' offline demos (the same 20 letters as the reverse task)
+# ---------------------------------------------------------------------------------------------
+
+
+def counting_documents(num: int, seed: int, min_len: int = 4, max_len: int = 16) -> list[str]:
+    """Documents that count through the alphabet with a stride: a random first letter and a stride
+    of 1, 2 or 3 letters (wrapping around), e.g. "cfiloradg". After its first two letters every
+    letter of a document is determined, so a language model (or a masked LM, from the neighbours)
+    can learn to predict it exactly."""
+    rng = np.random.default_rng(seed)
+    size = len(REVERSE_ALPHABET)
+    documents = []
+    for length, first, stride in zip(rng.integers(min_len, max_len + 1, num), rng.integers(0, size, num),
+                                     rng.integers(1, 4, num)):
+        documents.append("".join(REVERSE_ALPHABET[(first + stride * i) % size] for i in range(length)))
+    return documents
+
+
+MAJORITY_CLASSES = ["a-j", "k-t"]
+
+
+def majority_examples(num: int, seed: int, min_len: int = 5, max_len: int = 15) -> tuple[list[str], list[int]]:
+    """Labelled strings for the classifier's demo: an odd number of letters, labelled by which half
+    of the alphabet most of them come from (class 0 "a-j", class 1 "k-t")."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list(REVERSE_ALPHABET))
+    half = len(REVERSE_ALPHABET) // 2
+    texts, labels = [], []
+    for length in rng.integers(min_len // 2, max_len // 2 + 1, num) * 2 + 1:
+        ids = rng.integers(0, len(REVERSE_ALPHABET), length)
+        texts.append("".join(letters[ids]))
+        labels.append(int((ids >= half).sum() > length // 2))
+    return texts, labels

@@ -1,0 +1,126 @@
+"""BERT-style masked-language-model pre-training of the encoder (Devlin et al., 2019; not in the
+paper): 15% of the real positions are chosen, of them 80% replaced by the mask token, 10% by a
+random token and 10% kept; the loss is the cross-entropy at the chosen positions only. Validation:
+masked-token accuracy and perplexity. The encoder and embedding it trains (`TransformerMLM`'s
+`embed` and `encoder`) are what `classify --init_from` fine-tunes.
+
+The begin token serves as the mask token: the encoder never sees it otherwise, so the vocabulary,
+and the tokenizer that a classifier fine-tuned from this run takes over, needs no piece of its own."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from transformer import data as data_lib
+from transformer.config import ConfigError
+from transformer.data.tokenizer import CharTokenizer, Tokenizer
+from transformer.models.transformer import TransformerMLM
+from transformer.tasks.base import Task
+from transformer.tasks.lm import GENERATED, load_text_splits
+from transformer.tasks.text_data import check_sources
+from transformer.training.loss import loss_and_metrics, token_means
+from transformer.training.step import Objective
+
+FIRST_ORDINARY_ID = 4  # ids 0-3 are padding, unknown, begin and end (`data/tokenizer.py`)
+
+
+@dataclasses.dataclass(frozen=True)
+class MLMConfig:
+    """The data and the masking of a masked-LM run (rows of TrainConfig.max_length positions)."""
+
+    dataset: str = GENERATED  # as `LMConfig.dataset`
+    eval_dataset: str | None = None
+    text_feature: str = "text"
+    synthetic_examples: int = 20_000
+    mask_rate: float = 0.15  # positions chosen
+    mask_token_rate: float = 0.8  # of the chosen, replaced by the mask token
+    random_token_rate: float = 0.1  # of the chosen, replaced by a random token (the rest are kept)
+
+    def __post_init__(self):
+        if not isinstance(self.synthetic_examples, int) or self.synthetic_examples <= 0:
+            raise ConfigError(f"synthetic_examples must be a positive integer, got {self.synthetic_examples!r}")
+        if not 0 < self.mask_rate < 1:
+            raise ConfigError(f"mask_rate must be in (0, 1), got {self.mask_rate!r}")
+        if not (0 <= self.mask_token_rate and 0 <= self.random_token_rate
+                and self.mask_token_rate + self.random_token_rate <= 1):
+            raise ConfigError("mask_token_rate and random_token_rate must be >= 0 with a sum of at most 1; got "
+                              f"{self.mask_token_rate} and {self.random_token_rate}")
+        check_sources(self.dataset, self.eval_dataset, GENERATED)
+
+
+def mask_tokens(key: jax.Array, tokens: jax.Array, pad_id: int, mask_id: int, vocab_size: int,
+                config: MLMConfig) -> tuple[jax.Array, jax.Array]:
+    """(inputs, chosen): `chosen` marks the positions to predict (each real position with
+    probability mask_rate; padding never); of those, inputs hold the mask token with probability
+    mask_token_rate, a uniformly random ordinary token with probability random_token_rate, else the
+    token itself."""
+    choose_key, action_key, random_key = jax.random.split(key, 3)
+    chosen = (jax.random.uniform(choose_key, tokens.shape) < config.mask_rate) & (tokens != pad_id)
+    action = jax.random.uniform(action_key, tokens.shape)
+    random_tokens = jax.random.randint(random_key, tokens.shape, FIRST_ORDINARY_ID, vocab_size, tokens.dtype)
+    replaced = jnp.where(action < config.mask_token_rate, mask_id,
+                         jnp.where(action < config.mask_token_rate + config.random_token_rate, random_tokens, tokens))
+    return jnp.where(chosen, replaced, tokens), chosen
+
+
+def mlm_objective(config: MLMConfig, label_smoothing: float, pad_id: int, mask_id: int, vocab_size: int) -> Objective:
+    """Cross-entropy of the original tokens at the chosen positions; the masking draws from the
+    step's "data" key (a fixed key in evaluation, so every evaluation masks the same positions)."""
+
+    def fn(model, batch, *, deterministic: bool, rngs):
+        tokens = batch["tokens"]
+        key = rngs.data() if rngs is not None else jax.random.key(0)
+        inputs, chosen = mask_tokens(key, tokens, pad_id, mask_id, vocab_size, config)
+        logits = model(inputs, positions=batch["positions"], segments=batch["segments"],
+                       deterministic=deterministic, rngs=rngs)
+        sums = loss_and_metrics(logits, tokens, chosen.astype(jnp.float32), label_smoothing)
+        sums["input_tokens"] = (tokens != pad_id).sum().astype(jnp.float32)
+        return sums
+
+    return Objective(fn, count="tokens")
+
+
+class MLMTask(Task):
+    name = "mlm"
+    Config = MLMConfig
+    PRESETS = {"tiny": {"train": dict(num_train_steps=600, batch_tokens=2048, max_length=32, warmup_steps=100,
+                                      lr_scale=2.0, label_smoothing=0.0, log_every=100, eval_every=300,
+                                      checkpoint_every=300)}}
+    throughput = ("input_tokens",)
+    example_name = "training documents"
+
+    def load(self) -> None:
+        self.docs, self.eval_docs = load_text_splits(self.config, self.train)
+
+    def fixed_tokenizer(self) -> Tokenizer | None:
+        return CharTokenizer(data_lib.REVERSE_ALPHABET) if self.config.dataset == GENERATED else None
+
+    def tokenizer_texts(self):
+        return iter(self.docs)
+
+    def plans(self, tokenizer: Tokenizer, multiple: int):
+        from transformer.data.batching import MLM, TextPlan, encode_documents
+
+        train = self.train
+        examples = encode_documents(self.docs, tokenizer, train.max_length, kind=MLM)
+        eval_examples = encode_documents(self.eval_docs, tokenizer, train.max_length, kind=MLM)
+        self.num_train_examples = len(self.docs)
+        return (TextPlan(examples, train.batch_tokens, train.max_length, multiple, packing=train.packing,
+                         seed=train.seed),
+                TextPlan(eval_examples, train.batch_tokens, train.max_length, multiple, packing=train.packing,
+                         shuffle=False))
+
+    def model_cls(self):
+        return TransformerMLM
+
+    def objective(self, model_config) -> Objective:
+        from transformer.data.tokenizer import BOS_ID
+
+        return mlm_objective(self.config, self.train.label_smoothing, model_config.pad_id, BOS_ID,
+                             model_config.vocab_size)
+
+    def summarize(self, sums):
+        return token_means(sums)  # over the chosen positions: masked-token accuracy and perplexity
