@@ -16,6 +16,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 SKIPPED_DIR = "skipped_checkpoints"  # in the work dir, beside checkpoints/
 
@@ -151,6 +152,43 @@ class Checkpoints:
         if bad is not None:
             raise UnusableCheckpoint(step, f"{bad} holds NaN or inf")
         return restored["state"], dict(restored["meta"])
+
+    def restore_params(self, step: int) -> dict:
+        """The `params` of the state saved at `step`, read without the model that saved it: nested
+        dicts of host arrays as Orbax keeps an nnx.State (layer numbers as strings, each array under
+        a last key "value", the nnx.Variable's field), shapes and dtypes from the checkpoint's own
+        metadata. Of the state's arrays only the parameters are read (not Adam's moments, twice
+        their size). Raises UnusableCheckpoint, as `restore` does, when it cannot be used."""
+        missing = self._missing_part(step)
+        if missing:
+            raise UnusableCheckpoint(step, missing)
+        handler = ocp.PyTreeCheckpointHandler()
+        path = epath.Path(self.directory) / str(step) / "state"
+        try:
+            saved = handler.metadata(path)
+            saved = getattr(saved, "tree", saved)
+            if not isinstance(saved, dict):
+                raise UnusableCheckpoint(step, "its state/_METADATA cannot be read")
+            if not isinstance(saved.get("params"), dict):
+                raise UnusableCheckpoint(step, "its state holds no params")
+            abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), saved["params"])
+            # Host arrays, whatever devices saved them (a mesh's shards are read whole), and with
+            # partial_restore only the leaves named in `item` are read.
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+            args = ocp.args.PyTreeRestore(item={"params": abstract}, restore_args={"params": as_numpy},
+                                          partial_restore=True)
+            params = handler.restore(path, args=args)["params"]
+        except UnusableCheckpoint:
+            raise
+        except Exception as err:  # Orbax/TensorStore raise many kinds; any of them makes it unusable
+            _quiet_late_reads()
+            raise UnusableCheckpoint(step, f"it cannot be read ({_short(err)})") from err
+        finally:
+            handler.close()
+        bad = non_finite_leaf(params)
+        if bad is not None:
+            raise UnusableCheckpoint(step, f"params{bad} holds NaN or inf")
+        return params
 
     def set_aside(self, step: int, reason: str) -> str:
         """Move a bad checkpoint out of Orbax's sight (so that neither its rotation deletes it nor a
