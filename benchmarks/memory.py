@@ -87,10 +87,11 @@ def abstract_state(config: TransformerConfig, train_config: TrainConfig):
     """(graphdef, TrainState of ShapeDtypeStructs, tx): `create_train_state` without its arrays."""
     model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(params=train_config.seed)))
     graphdef, params = nnx.split(model, nnx.Param)
-    tx = make_optimizer(config, train_config)
+    tx = make_optimizer(train_config.optimizer, config.d_model, train_config.num_train_steps, params)[0]
     opt_state = jax.eval_shape(tx.init, params)
     rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=train_config.rng_impl)))
-    state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state, rng=rng)
+    counter = jax.ShapeDtypeStruct((), jnp.int32)
+    state = TrainState(step=counter, micro_step=counter, params=params, opt_state=opt_state, rng=rng)
     return graphdef, state, tx
 
 

@@ -245,3 +245,53 @@ def write_report(workdir: str, report: InitReport) -> str:
         f.write(format_report(report))
     os.replace(path + ".tmp", path)
     return path
+
+
+# -- a new run from a source run (train.py --init_from) ----------------------------------------------
+
+def source_model_config(text: str, flags: dict):
+    """The model config of a run started from `text` (WORKDIR[@STEP]): the source run's, with `flags`
+    (the model flags given) over it. A flag that contradicts the source's tokenizer (vocab_size,
+    pad_id) is refused in one line; other changes of shape just leave those parameters new."""
+    from transformer.run.workdir import load_run_config
+
+    workdir, _ = parse_source(text)
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise UserError(f"--init_from {workdir!r} has no config.json: give the work dir of a train.py run")
+    source, _, _ = load_run_config(workdir)
+    if "vocab_size" in flags and flags["vocab_size"] != source.vocab_size:
+        raise UserError(f"--vocab_size {flags['vocab_size']} contradicts the tokenizer of --init_from {workdir} "
+                        f"({source.vocab_size} pieces), which this run takes: leave --vocab_size out")
+    return dataclasses.replace(source, **flags)
+
+
+class Source:
+    """The run a new run starts from: its tokenizer goes into the new work dir (`copy_tokenizer`),
+    its matching parameters into the new model (`load_into`)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.workdir, self.step = parse_source(text)
+        if not os.path.isdir(self.workdir):
+            raise UserError(f"--init_from {self.workdir!r} is not a folder: give the work dir of a train.py run")
+
+    def copy_tokenizer(self, workdir: str) -> None:
+        """The source's tokenizer files (spm.* or chars.json), into `workdir`."""
+        import shutil
+
+        names = [n for n in os.listdir(self.workdir) if n.startswith("spm.") or n == "chars.json"]
+        if not names:
+            raise UserError(f"--init_from {self.workdir!r} has no tokenizer (spm.model or chars.json): give the work "
+                            "dir of a train.py run")
+        for name in names:
+            shutil.copy(os.path.join(self.workdir, name), os.path.join(workdir, name))
+
+    def load_into(self, params: nnx.State, workdir: str, say=None) -> nnx.State:
+        """`params` with the source's matching parameters loaded; the report printed (with `say`) and
+        written to <workdir>/init_from.txt."""
+        params, report = init_params(params, self.text)
+        path = write_report(workdir, report) if say is not None else None
+        if say is not None:
+            lines = format_report(report).splitlines()
+            say("\n".join(lines[:2]) + f" (the lists: {path})")
+        return params

@@ -18,6 +18,7 @@ import sys
 from typing import Sequence
 
 import jax
+from flax import nnx
 
 from transformer import data as data_lib
 from transformer.config import TransformerConfig
@@ -31,7 +32,7 @@ from transformer.run.metrics import MetricsWriter, plot_curves
 from transformer.run.workdir import WorkdirLock, check_resume, check_workdir, write_config_json
 from transformer.tasks.base import RunView, Task
 from transformer.training import (
-    LoopHooks, TrainConfig, TrainLoop, compile_mesh_steps, compile_steps, create_train_state,
+    LoopHooks, TrainConfig, TrainLoop, compile_mesh_steps, compile_steps, create_train_state, make_optimizer,
 )
 
 
@@ -138,10 +139,16 @@ class Trainer:
         self.model_config = model_config
         model_cls = task.model_cls()
         objective = task.objective(model_config)
+        # The optimizer, built once: its schedule is also the one the logs report.
+        abstract = nnx.state(nnx.eval_shape(lambda: model_cls(self.model_config, rngs=nnx.Rngs(0))), nnx.Param)
+        tx, self.schedule, frozen = make_optimizer(cfg.optimizer, self.model_config.d_model, cfg.num_train_steps,
+                                                   abstract)
+        if frozen and saved is None and self.is_main_process:
+            print(f"frozen ({len(frozen)} parameters): " + ", ".join(frozen))
         made: dict = {}
 
         def init():
-            made["graphdef"], state, made["tx"] = create_train_state(self.model_config, cfg, model_cls)
+            made["graphdef"], state, made["tx"] = create_train_state(self.model_config, cfg, model_cls, tx)
             return state
 
         if self.parallel.parallel == "mesh":
@@ -226,8 +233,6 @@ class Trainer:
 
     def model(self, params=None):
         """The model with `params` (default: a host copy of the run's current parameters)."""
-        from flax import nnx
-
         return nnx.merge(self.graphdef, self.layout.host_copy(self.state.params) if params is None else params)
 
     def _newest_good(self) -> str:
@@ -306,11 +311,8 @@ class Trainer:
                 f"Lower --lr_scale or raise --warmup_steps {how}")
 
     def _learning_rate(self, step: int) -> float:
-        from transformer.training.schedule import transformer_schedule
-
-        schedule = transformer_schedule(self.model_config.d_model, self.train_config.warmup_steps,
-                                        self.train_config.lr_scale)
-        return float(schedule(max(step - 1, 0)))
+        """The rate of update `step` (counted from 1): the optimizer's own schedule at count step - 1."""
+        return float(self.schedule(max(step - 1, 0)))
 
     # -- the end of a run: the task's report ---------------------------------------------------
 

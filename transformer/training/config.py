@@ -90,7 +90,7 @@ class TrainConfig:
             )
         if self.rng_impl not in RNG_IMPLS:
             raise ConfigError(f"rng_impl must be one of {', '.join(RNG_IMPLS)}; got {self.rng_impl!r}")
-        # MERGE: self.optimizer  # validates the optimizer's share
+        self.optimizer  # validates the optimizer's share
 
     @property
     def optimizer(self):

@@ -1,4 +1,4 @@
-"""§5.3 The optimizer and the training state: parameters, Adam moments, step, random key."""
+"""§5.3 The training state: parameters, Adam moments, the two step counters, random key."""
 
 from __future__ import annotations
 
@@ -13,16 +13,7 @@ from flax import nnx
 from transformer.config import TransformerConfig
 from transformer.models.transformer import Transformer
 from transformer.training.config import TrainConfig
-from transformer.training.schedule import transformer_schedule
-
-
-def make_optimizer(model_config: TransformerConfig, train_config: TrainConfig) -> optax.GradientTransformation:
-    """§5.3: Adam(β1=0.9, β2=0.98, ε=1e-9) with the warm-up / inverse-square-root schedule.
-
-    The schedule counts Adam updates: with gradient accumulation the train step calls `update` once
-    per grad_accum_steps micro-batches, so "step" in the §5.3 formula is an update, not a micro-batch."""
-    schedule = transformer_schedule(model_config.d_model, train_config.warmup_steps, train_config.lr_scale)
-    return optax.adam(schedule, b1=train_config.adam_b1, b2=train_config.adam_b2, eps=train_config.adam_eps)
+from transformer.training.optimizer import make_optimizer
 
 
 @flax.struct.dataclass
@@ -39,14 +30,16 @@ class TrainState:
 
 
 def create_train_state(
-    model_config: TransformerConfig, train_config: TrainConfig, model_cls: Callable[..., nnx.Module] = Transformer
+    model_config: TransformerConfig, train_config: TrainConfig, model_cls: Callable[..., nnx.Module] = Transformer,
+    tx: optax.GradientTransformation | None = None,
 ) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
     """A freshly initialised model `model_cls(model_config, rngs=…)` (a task's model family, e.g.
     `functools.partial(TransformerClassifier, num_classes=2)`), split into its static graph and its
-    parameters, with the optimizer and its state."""
+    parameters, with the optimizer (`tx`, or `make_optimizer` for the recipe) and its state."""
     model = model_cls(model_config, rngs=nnx.Rngs(params=train_config.seed))
     graphdef, params = nnx.split(model, nnx.Param)
-    tx = make_optimizer(model_config, train_config)
+    if tx is None:
+        tx = make_optimizer(train_config.optimizer, model_config.d_model, train_config.num_train_steps, params)[0]
     rng = jax.random.key_data(jax.random.key(train_config.seed + 1, impl=train_config.rng_impl))
     state = TrainState(step=jnp.zeros((), jnp.int32), micro_step=jnp.zeros((), jnp.int32), params=params,
                        opt_state=tx.init(params), rng=rng)
