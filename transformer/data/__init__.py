@@ -8,13 +8,14 @@ from transformer.data.batching import (
     encode_pairs, rows_per_batch,
 )
 from transformer.data.corpus import (
-    REVERSE_ALPHABET, DataError, Pair, check_translate_folder, load_folder_pairs, load_tfds_pairs,
-    read_text_lines, reverse_task_pairs,
+    MAJORITY_CLASSES, REVERSE_ALPHABET, DataError, Pair, check_translate_folder, counting_documents, load_folder_pairs,
+    load_tfds_pairs, majority_examples, read_text_lines, reverse_task_pairs,
 )
 from transformer.data.prefetch import prefetch
 from transformer.data.texts import LabelledTexts, load_documents, load_labelled
 
-__all__ = ["BUCKET_STEP", "BatchPlan", "CLASSIFY", "DataError", "Examples", "LM", "LabelledTexts", "MLM", "Pair",
+__all__ = ["BUCKET_STEP", "BatchPlan", "CLASSIFY", "DataError", "Examples", "LM", "LabelledTexts", "MAJORITY_CLASSES",
+           "MLM", "Pair", "counting_documents", "majority_examples",
            "REVERSE_ALPHABET", "TextExamples", "TextPlan", "check_translate_folder", "encode_documents",
            "encode_labelled", "encode_pairs", "load_documents", "load_folder_pairs", "load_labelled",
            "load_tfds_pairs", "prefetch", "read_text_lines", "reverse_task_pairs", "rows_per_batch"]

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from transformer import data as data_lib
 from transformer.config import ConfigError
 from transformer.data.tokenizer import CharTokenizer, Tokenizer
-from transformer.models.transformer import TransformerMLM
 from transformer.tasks.base import Task
 from transformer.tasks.lm import GENERATED, load_text_splits
 from transformer.tasks.text_data import check_sources
@@ -114,6 +113,8 @@ class MLMTask(Task):
                          shuffle=False))
 
     def model_cls(self):
+        from transformer.models.transformer import TransformerMLM
+
         return TransformerMLM
 
     def objective(self, model_config) -> Objective:
