@@ -1,7 +1,11 @@
-"""Text in, text out: tokenise, decode in batches of few shapes, detokenise; and the attention
-maps of one sentence's translation (the paper's Figures 3-5)."""
+"""Text in, text out: tokenise, decode in batches of few shapes, detokenise; the attention maps of
+one sentence's translation (the paper's Figures 3-5); and a language model's continuations of text."""
 
 from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
 
 from transformer.decoding.search import translate
 
@@ -101,3 +105,49 @@ def translation_attention(model, tokenizer, text: str, beam_size: int = 4, alpha
     _, maps = attention_maps(model, src, tgt_in)
     pieces = {"source": tokenizer.pieces(src_ids), "target": tokenizer.pieces(tgt_in[0].tolist())}
     return tokenizer.decode(out), pieces, {path: np.asarray(w[0]) for path, w in maps.items()}
+
+
+_streaming: list[Callable[[np.ndarray], None]] = []  # the handler of the continuation being streamed
+
+
+def _stream_tokens(tokens: np.ndarray) -> None:
+    # One function for every streamed continuation: `generate` compiles its loop once per callback.
+    _streaming[-1](tokens)
+
+
+def continue_texts(lm, tokenizer, prompts: Sequence[str], max_new_tokens: int = 50, temperature: float = 0.0,
+                   top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                   on_text: Callable[[str], None] | None = None) -> list[str]:
+    """Continue text prompts with a `TransformerLM` (`search.generate` on the begin token and the
+    prompt's ids; prompts of different lengths share a batch). With `on_text` (one prompt only) the
+    new text is handed over piece by piece as the tokens are chosen (what the prompt's ids and the
+    new ones decode to, beyond what the prompt's ids decode to)."""
+    from flax import nnx
+
+    from transformer.decoding.search import generate
+
+    if on_text is not None and len(prompts) != 1:
+        raise ValueError("on_text streams one prompt's continuation: pass one prompt")
+    encoded = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    rows = np.full((len(encoded), max(map(len, encoded))), tokenizer.pad_id, np.int32)
+    for r, ids in enumerate(encoded):
+        rows[r, : len(ids)] = ids
+    if on_text is not None:
+        sofar = encoded[0][1:]
+
+        def handle(tokens: np.ndarray) -> None:
+            token = int(tokens[0])
+            if token in (tokenizer.eos_id, tokenizer.pad_id):
+                return
+            before = tokenizer.decode(sofar)
+            sofar.append(token)
+            on_text(tokenizer.decode(sofar)[len(before):])
+
+        _streaming.append(handle)
+    try:
+        out = generate(lm, rows, max_new_tokens, temperature, top_k, nnx.Rngs(sample=seed), bos_id=tokenizer.bos_id,
+                       eos_id=tokenizer.eos_id, top_p=top_p, on_token=_stream_tokens if on_text is not None else None)
+    finally:
+        if on_text is not None:
+            _streaming.pop()
+    return [tokenizer.decode(list(row)) for row in np.asarray(out)]
