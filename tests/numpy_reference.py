@@ -41,3 +41,18 @@ def positional_encoding(length, d_model):
             pe[pos, 2 * i] = np.sin(pos / 10000 ** (2 * i / d_model))
             pe[pos, 2 * i + 1] = np.cos(pos / 10000 ** (2 * i / d_model))
     return pe
+
+
+def decoder_only_lm(tokens, E, layers, eps=1e-6):
+    """Logits [n, vocab] of a post-LN decoder-only language model over one unpadded row of n tokens:
+    x = E[tokens]·√d_model + PE(0 … n-1) (§3.4, §3.5); per layer x = LayerNorm(x + MultiHead(x, x, x)
+    with causal masking) and x = LayerNorm(x + FFN(x)) (§3.1, §3.2.3); logits x·Eᵀ (§3.4, tied).
+    `layers`: one dict per layer with Wq, Wk, Wv [m, h, d], Wo [h, d, m], W1, b1, W2, b2 and the two
+    LayerNorms' (scale, bias) as norm1 and norm2."""
+    n, d_model = len(tokens), E.shape[1]
+    x = E[np.asarray(tokens)] * np.sqrt(d_model) + positional_encoding(n, d_model)
+    causal = np.tril(np.ones((n, n), bool))
+    for p in layers:
+        x = layer_norm(x + multi_head(x, x, p["Wq"], p["Wk"], p["Wv"], p["Wo"], causal), *p["norm1"], eps)
+        x = layer_norm(x + ffn(x, p["W1"], p["b1"], p["W2"], p["b2"]), *p["norm2"], eps)
+    return x @ E.T

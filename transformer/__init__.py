@@ -9,12 +9,14 @@ from transformer.nn.embeddings import InputEmbedding, TokenEmbedding, sinusoidal
 from transformer.nn.feed_forward import PositionwiseFeedForward
 from transformer.nn.layers import Decoder, DecoderLayer, Encoder, EncoderLayer, ResidualSublayer
 from transformer.nn.masks import AttentionMask, attention_masks, causal_mask, padding_mask, segment_mask
-from transformer.models.transformer import Transformer, TransformerClassifier, TransformerLM, count_parameters
+from transformer.models.transformer import (
+    Transformer, TransformerClassifier, TransformerLM, TransformerMLM, count_parameters,
+)
 
 __all__ = [
     "AttentionMask", "ConfigError", "Decoder", "DecoderLayer", "Encoder", "EncoderLayer", "InputEmbedding",
     "MultiHeadAttention", "PositionwiseFeedForward", "ResidualSublayer", "TokenEmbedding", "Transformer",
-    "TransformerClassifier", "TransformerConfig", "TransformerLM", "attention_masks", "attention_weights", "causal_mask",
-    "count_parameters", "dot_product_attention", "padding_mask", "record_attention_weights", "resolve_attention_impl",
+    "TransformerClassifier", "TransformerConfig", "TransformerLM", "TransformerMLM", "attention_masks",
+    "attention_weights", "causal_mask", "count_parameters", "dot_product_attention", "padding_mask", "record_attention_weights", "resolve_attention_impl",
     "scaled_dot_product_attention", "segment_mask", "sinusoidal_positional_encoding",
 ]

@@ -61,7 +61,8 @@ def test_first_layer_weights_equal_the_formula_by_hand():
     # Layer 0 of the encoder: its input is the embedding × √d_model + PE (no dropout), so its
     # weights can be worked out from the parameters with NumPy: softmax(X·W_i^Q (X·W_i^K)ᵀ / √d_k).
     model = Transformer(CONFIG, rngs=nnx.Rngs(1))
-    _, maps = attention_maps(model, SRC, TGT)
+    # Right-padded rows: positions 0 … s-1 at every token, pads too (their rows are compared as well).
+    _, maps = attention_maps(model, SRC, TGT, right_padded=True)
     x = np.asarray(model.src_embed(SRC))  # [b, s, m]
     attention = model.encoder.layers[0].self_attention
     w_q, w_k = np.asarray(attention.w_q[...]), np.asarray(attention.w_k[...])

@@ -136,7 +136,7 @@ def test_whole_model_logits_equal_the_reference(packed):
     logits = {}
     for impl in ("reference", "pallas"):
         model = Transformer(dataclasses.replace(MODEL, attention_impl=impl), rngs=nnx.Rngs(0))
-        logits[impl] = np.asarray(model(src, tgt, **segments))
+        logits[impl] = np.asarray(model(src, tgt, right_padded=True, **segments))  # lengths: the kernel's form
     real = np.asarray(tgt) != 0
     assert np.isfinite(logits["pallas"]).all()
     np.testing.assert_allclose(logits["pallas"][real], logits["reference"][real], rtol=1e-4, atol=1e-4)

@@ -10,13 +10,17 @@ Search is given the begin and end ids (`bos_id`, `eos_id`: the tokenizer's) and 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 from jaxtyping import Array, Float, Int
+
+from transformer.nn.masks import real_positions
 
 NEG_INF = -1e9  # a finite "impossible" score, so that arithmetic on it never makes NaNs
 
@@ -57,7 +61,7 @@ def _output_limits(src: jax.Array, max_extra: int, pad_id: int) -> jax.Array:
 
 def _start_decoder(model, src, max_len: int, use_cache: bool):
     """What the decode loop carries: the encoder output, and the per-layer KV cache if used."""
-    memory = model.encode(src)
+    memory = model.encode(src, right_padded=True)  # sources are right-padded, as translate_batches makes them
     return memory, (model.init_cache(memory, max_len) if use_cache else None)
 
 
@@ -69,10 +73,12 @@ def _next_log_probs(model, src, tokens, i, carried, use_cache: bool, bos_id: int
     """
     memory, cache = carried
     if use_cache:
-        logits, cache = model.decode_step(jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1), src, cache, i)
+        logits, cache = model.decode_step(jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1), src, cache, i,
+                                          right_padded=True)
         logits = logits[:, 0]
     else:
-        logits = jax.lax.dynamic_index_in_dim(model.decode(memory, src, tokens[:, :-1]), i, axis=1, keepdims=False)
+        logits = model.decode(memory, src, tokens[:, :-1], right_padded=True)  # the prefix, then padding
+        logits = jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False)
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
     return _never_generate(log_p, model.config.pad_id, bos_id), (memory, cache)
 
@@ -155,7 +161,7 @@ def _beam_search(graphdef, params, src, beam: int, alpha: float, max_extra: int,
     # The encoder runs once per source. With the cache, the beams of a source share its
     # encoder-decoder keys/values (the decoder stacks their queries: `DecoderLayer`); without it
     # (the baseline the cache is measured against), the decoder takes one memory row per beam.
-    memory = model.encode(src)
+    memory = model.encode(src, right_padded=True)
     if use_cache:
         carried, step_src = (None, model.init_cache(memory, max_len, beams=beam)), src
     else:
@@ -245,27 +251,52 @@ def translate(model, src, beam_size: int = 4, alpha: float = 0.6, max_extra: int
     return beam_search(model, src, beam_size, alpha, max_extra, **ids)[0][:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "bos_id", "eos_id"))
-def _generate(graphdef, params, prompt, key, max_new_tokens: int, temperature, top_k: int, bos_id: int, eos_id: int):
+def nucleus(logits: Float[Array, "b v"], top_p: float | jax.Array) -> Float[Array, "b v"]:
+    """Holtzman et al. (2020): the logits with every token outside the nucleus set to NEG_INF. The
+    nucleus is the smallest set of most likely tokens whose probability (softmax of `logits`)
+    reaches top_p: token by token from the most likely, each is kept while the ones before it sum
+    to less than top_p, so the most likely token always is; tokens tied with the last one kept are
+    kept too."""
+    descending = -jnp.sort(-logits, axis=-1)
+    p = jax.nn.softmax(descending, axis=-1)
+    # The probability of the more likely tokens (an exclusive sum: no p_j added and taken off again).
+    before = jnp.concatenate([jnp.zeros_like(p[..., :1]), jnp.cumsum(p, axis=-1)[..., :-1]], axis=-1)
+    cutoff = jnp.min(jnp.where(before < top_p, descending, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < cutoff, NEG_INF, logits)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "use_top_p", "bos_id", "eos_id",
+                                             "on_token"))
+def _generate(graphdef, params, prompt, key, max_new_tokens: int, temperature, top_k: int, top_p, use_top_p: bool,
+              bos_id: int, eos_id: int, on_token):
     model = nnx.merge(graphdef, params)
     pad_id = model.config.pad_id
     batch, p = prompt.shape
     max_len = p + max_new_tokens
-    # Prompts are left-padded: each row's positions start at 0 on its first real token.
-    pad = (prompt == pad_id).sum(axis=1)
-    key_valid = jnp.concatenate([prompt != pad_id, jnp.ones((batch, max_new_tokens), bool)], axis=1)
+    # Prompt pads may stand anywhere: their cache slots are hidden from every query, and a real
+    # token's position is its index among its row's real tokens. Every row's new tokens go to the
+    # same slots p, p+1, … (one cache index for the batch) at its own positions n, n+1, …, where n
+    # is its number of real prompt tokens: each row continues as it would alone, unpadded.
+    real = prompt != pad_id
+    n = real.sum(axis=1, dtype=jnp.int32)
+    key_valid = jnp.concatenate([real, jnp.ones((batch, max_new_tokens), bool)], axis=1)
     cache = model.init_cache(batch, max_len)
-    positions = jnp.maximum(jnp.arange(p)[None, :] - pad[:, None], 0)
-    logits, cache = model.decode_step(prompt, cache, 0, key_valid=key_valid, positions=positions)  # prefill
+    logits, cache = model.decode_step(prompt, cache, 0, key_valid=key_valid, positions=real_positions(prompt, pad_id))
+    # The first new token follows each row's last real prompt token, wherever its pads are.
+    last = p - 1 - jnp.argmax(real[:, ::-1], axis=1)
+    first_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
 
     def pick(logits, key):
         logits = _never_generate(logits.astype(jnp.float32), pad_id, bos_id)
+        greedy = logits.argmax(-1)
+        logits = logits / jnp.maximum(temperature, 1e-6)
         if top_k > 0:
             kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
             logits = jnp.where(logits < kth, NEG_INF, logits)
-        sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6))
-        return jnp.where(temperature > 0, sampled, logits.argmax(-1))
+        if use_top_p:  # the nucleus of the distribution left after temperature and top_k
+            logits = nucleus(logits, top_p)
+        return jnp.where(temperature > 0, jax.random.categorical(key, logits), greedy)
 
     def cond(carry):
         i, _, _, finished, _ = carry
@@ -273,26 +304,61 @@ def _generate(graphdef, params, prompt, key, max_new_tokens: int, temperature, t
 
     def body(carry):
         i, out, last_logits, finished, cache = carry
-        token = jnp.where(finished, pad_id, pick(last_logits, jax.random.fold_in(key, i)))
+        token = jnp.where(finished, pad_id, pick(last_logits, jax.random.fold_in(key, i))).astype(jnp.int32)
+        if on_token is not None:  # ordered: the host sees the steps in order, as they run
+            io_callback(lambda t: on_token(np.asarray(t)), None, token, ordered=True)
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
         finished = finished | (token == eos_id)
         logits, cache = model.decode_step(token[:, None], cache, p + i, key_valid=key_valid,
-                                          positions=(p + i - pad)[:, None])
+                                          positions=(n + i)[:, None])
         return i + 1, out, logits[:, 0], finished, cache
 
-    init = (jnp.zeros((), jnp.int32), out, logits[:, -1], jnp.zeros((batch,), bool), cache)
+    init = (jnp.zeros((), jnp.int32), out, first_logits, jnp.zeros((batch,), bool), cache)
     return jax.lax.while_loop(cond, body, init)[1]
 
 
-def generate(lm, prompt: Int[Array, "b p"], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             rngs: nnx.Rngs | None = None, *, bos_id: int, eos_id: int) -> Int[Array, "b n"]:
-    """Continue prompts (left-padded with lm.config.pad_id) with a `TransformerLM`: the prompt is
-    prefilled in one pass, then tokens are chosen greedily (temperature 0) or sampled (temperature
-    > 0, optionally from the top_k most likely) until eos_id or max_new_tokens. bos_id is never
-    generated. p + max_new_tokens must not exceed lm.config.max_len (ValueError otherwise)."""
+def generate(
+    lm,
+    prompt: Int[Array, "b p"],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    rngs: nnx.Rngs | None = None,
+    *,
+    bos_id: int,
+    eos_id: int,
+    top_p: float = 1.0,
+    on_token: Callable[[np.ndarray], Any] | None = None,
+) -> Int[Array, "b n"]:
+    """Continue prompts with a `TransformerLM`, each row as it would be continued alone, unpadded.
+
+    Prompt rows may be padded with lm.config.pad_id anywhere (left, right, between tokens; every
+    row needs a real token): pads are never attended to, a row continues after its last real token,
+    and its new tokens' positions continue from its number of real prompt tokens. The prompts are
+    prefilled in one pass; then, in one jit-compiled loop over the KV cache, each step's tokens are
+    chosen greedily (temperature 0, deterministic) or sampled (temperature > 0) from
+    softmax(logits / temperature), restricted to the top_k most likely tokens (top_k > 0) and then
+    to the nucleus (top_p < 1: the smallest set of most likely tokens whose probability reaches
+    top_p, `nucleus`), with keys from `rngs` (`rngs.sample()`; the same seed gives the same tokens;
+    None: a fixed key), until eos_id or max_new_tokens. pad_id and bos_id are never generated.
+
+    `on_token`, if given, is called on the host with each step's tokens (int32 NumPy [b]; pad_id
+    for rows that have ended) in order, as they are chosen (a static argument: another function
+    compiles the loop anew). Returns the new tokens [b, max_new_tokens] (eos_id, then pad_id, after each end).
+    p + max_new_tokens must not exceed lm.config.max_len; ValueError for that, for temperature < 0,
+    top_k < 0 or top_p outside (0, 1], and for a row without real tokens."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0: no limit), got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1: no nucleus), got {top_p}")
     prompt = jnp.asarray(prompt, jnp.int32)
     check_decode_length(lm.config, prompt.shape[-1], max_new_tokens, "prompt length", "max_new_tokens")
+    if not isinstance(prompt, jax.core.Tracer) and not (prompt != lm.config.pad_id).any(axis=-1).all():
+        raise ValueError(f"every prompt row needs at least one real token (not pad_id={lm.config.pad_id})")
     graphdef, params = nnx.split(lm)
     key = rngs.sample() if rngs is not None else jax.random.key(0)
+    top_k = min(top_k, lm.config.vocab_size)  # top_k >= vocab_size keeps every token
     return _generate(graphdef, params, prompt, key, max_new_tokens, jnp.float32(temperature), top_k,
-                     int(bos_id), int(eos_id))
+                     jnp.float32(top_p), top_p < 1, int(bos_id), int(eos_id), on_token)

@@ -102,7 +102,7 @@ def translation_attention(model, tokenizer, text: str, beam_size: int = 4, alpha
                                                 eos_id=tokenizer.eos_id))[0]]
     out = out[: out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else [i for i in out if i != model.config.pad_id]
     tgt_in = np.asarray([[tokenizer.bos_id] + out], np.int32)
-    _, maps = attention_maps(model, src, tgt_in)
+    _, maps = attention_maps(model, src, tgt_in, right_padded=True)  # one row, no padding
     pieces = {"source": tokenizer.pieces(src_ids), "target": tokenizer.pieces(tgt_in[0].tolist())}
     return tokenizer.decode(out), pieces, {path: np.asarray(w[0]) for path, w in maps.items()}
 

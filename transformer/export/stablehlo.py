@@ -38,7 +38,7 @@ def export_forward(model, platforms=DEFAULT_PLATFORMS):
     max_len = model.config.max_len
 
     def forward(src_tokens, tgt_in_tokens):
-        return nnx.merge(graphdef, state)(src_tokens, tgt_in_tokens)
+        return nnx.merge(graphdef, state)(src_tokens, tgt_in_tokens, right_padded=True)  # as signature() says
 
     b, s, t = jax.export.symbolic_shape("b, s, t", constraints=(f"s <= {max_len}", f"t <= {max_len}"))
     args = (jax.ShapeDtypeStruct((b, s), jnp.int32), jax.ShapeDtypeStruct((b, t), jnp.int32))

@@ -1,2 +1,2 @@
 """Model families assembled from `transformer.nn`: the encoder-decoder Transformer, a decoder-only
-language model and an encoder classifier; and their FLOP counts."""
+language model, an encoder classifier and an encoder masked language model; and their FLOP counts."""

@@ -3,8 +3,20 @@
 - `Transformer`: the paper's encoder-decoder (§3, Figure 1), for translation.
 - `TransformerLM`: a decoder-only language model (causal self-attention, no cross-attention).
 - `TransformerClassifier`: an encoder, mean-pooled over real tokens, then class logits.
+- `TransformerMLM`: an encoder with token logits at every position, for masked-language-model
+  pre-training (BERT-style; its `embed` and `encoder` load into a `TransformerClassifier`).
 
 Every model returns logits; losses live in `transformer.training.loss`.
+
+Padding: pad ids (`config.pad_id`) may stand anywhere in a row, before, between or after its real
+tokens. Every call hides pad keys from every query and, unless positions are given, gives each real
+token its index among its row's real tokens as its position; so a row's outputs at its real
+positions are those of the same row with its pads removed (the outputs at pads mean nothing). That
+key mask is a dense `[b, 1, 1, k]` array, which attention_impl "auto" and "pallas" send to XLA's
+attention (`nn.attention.resolve_attention_impl`). A caller whose rows are all right-padded (real
+tokens first) passes `right_padded=True`: padding then goes to attention as per-row key lengths and
+positions are 0 … l-1, the form the cuDNN and Pallas kernels take. Packed rows (`segments` given)
+are right-padded by construction and are always treated so.
 """
 
 from __future__ import annotations
@@ -18,7 +30,9 @@ from transformer.config import TransformerConfig
 from transformer.nn.embeddings import InputEmbedding, PreSoftmaxProjection, TokenEmbedding
 from transformer.nn.layers import Decoder, Encoder, LayerCache
 from transformer.nn.partitioning import CLASSES, EMBED, annotate
-from transformer.nn.masks import attention_masks, causal_mask, cross_attention_mask, self_attention_mask
+from transformer.nn.masks import (
+    attention_masks, causal_mask, cross_attention_mask, real_positions, self_attention_mask,
+)
 
 
 def check_tokens(name: str, tokens, config: TransformerConfig, batch: int | None = None) -> None:
@@ -34,17 +48,22 @@ def check_tokens(name: str, tokens, config: TransformerConfig, batch: int | None
         raise ValueError(f"{name} has length {shape[1]} > max_len={config.max_len}: raise max_len or shorten the input")
 
 
-def _default_positions(tokens: jax.Array) -> jax.Array:
-    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+def _default_positions(tokens: Int[Array, "b l"], pad_id: int, right_padded: bool) -> Int[Array, "b l"] | None:
+    """Positions for a call that gives none: for right-padded rows None (`InputEmbedding` then uses
+    0 … l-1, one table for the batch), else each token's index among its row's real tokens."""
+    return None if right_padded else real_positions(tokens, pad_id)
 
 
 class Transformer(nnx.Module):
     """§3: the encoder-decoder Transformer.
 
     `model(src_tokens, tgt_in_tokens)` -> float32 logits [batch, tgt_len, vocab_size], where
-    tgt_in_tokens are the targets shifted right (begin token first). Rows are right-padded (real
-    tokens first, then pad_id). Packed rows pass `*_segments` (example ids, 0 = padding) and
-    `*_positions` (restarting at 0 per example).
+    tgt_in_tokens are the targets shifted right (begin token first). Pads may stand anywhere in
+    source and target rows; each row's logits at its real target positions are those of the row
+    with its pads removed. `right_padded=True` promises that every row is right-padded (real tokens
+    first, then pad_id): the same logits at real positions, with padding as per-row key lengths for
+    the attention kernels (module docstring). Packed rows pass `*_segments` (example ids, 0 =
+    padding at the end of the row) and `*_positions` (restarting at 0 per example).
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -65,12 +84,17 @@ class Transformer(nnx.Module):
         src_positions: Int[Array, "b s"] | None = None,
         src_segments: Int[Array, "b s"] | None = None,
         *,
+        right_padded: bool = False,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> Float[Array, "b s m"]:
-        """The encoder's output ("memory") for the source tokens."""
+        """The encoder's output ("memory") for the source tokens, padded anywhere (or right-padded,
+        as `right_padded` promises)."""
         check_tokens("src_tokens", src_tokens, self.config)
-        mask = self_attention_mask(src_tokens, self.config.pad_id, segments=src_segments)
+        pad_id, right_padded = self.config.pad_id, right_padded or src_segments is not None
+        mask = self_attention_mask(src_tokens, pad_id, segments=src_segments, right_padded=right_padded)
+        if src_positions is None:
+            src_positions = _default_positions(src_tokens, pad_id, right_padded)
         x = self.src_embed(src_tokens, src_positions, deterministic=deterministic, rngs=rngs)
         return self.encoder(x, mask, deterministic=deterministic, rngs=rngs)
 
@@ -87,12 +111,13 @@ class Transformer(nnx.Module):
         tgt_positions: Int[Array, "b t"] | None = None,
         src_segments: Int[Array, "b s"] | None = None,
         tgt_segments: Int[Array, "b t"] | None = None,
+        right_padded: bool = False,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> Float[Array, "b t v"]:
         if (src_segments is None) != (tgt_segments is None):
             raise ValueError("pass both src_segments and tgt_segments (packed rows) or neither")
-        run = dict(deterministic=deterministic, rngs=rngs)
+        run = dict(right_padded=right_padded, deterministic=deterministic, rngs=rngs)
         memory = self.encode(src_tokens, src_positions, src_segments, **run)  # checks src_tokens
         check_tokens("tgt_in_tokens", tgt_in_tokens, self.config, batch=src_tokens.shape[0])
         return self.decode(memory, src_tokens, tgt_in_tokens, tgt_positions=tgt_positions,
@@ -107,14 +132,20 @@ class Transformer(nnx.Module):
         tgt_positions: Int[Array, "b t"] | None = None,
         src_segments: Int[Array, "b s"] | None = None,
         tgt_segments: Int[Array, "b t"] | None = None,
+        right_padded: bool = False,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> Float[Array, "b t v"]:
-        """The decoder over the whole target prefix, given the encoder output (no cache)."""
+        """The decoder over the whole target prefix, given the encoder output (no cache); source
+        and target padded anywhere (or right-padded, as `right_padded` promises)."""
         run = dict(deterministic=deterministic, rngs=rngs)
+        pad_id = self.config.pad_id
+        right_padded = right_padded or (src_segments is not None and tgt_segments is not None)
         _, dec_self_mask, cross_mask = attention_masks(
-            src_tokens, tgt_in_tokens, self.config.pad_id, src_segments, tgt_segments
+            src_tokens, tgt_in_tokens, pad_id, src_segments, tgt_segments, right_padded=right_padded
         )
+        if tgt_positions is None:
+            tgt_positions = _default_positions(tgt_in_tokens, pad_id, right_padded)
         y = self.tgt_embed(tgt_in_tokens, tgt_positions, **run)
         y, _ = self.decoder(y, memory, dec_self_mask, cross_mask, **run)
         return self.logits(y)
@@ -131,17 +162,22 @@ class Transformer(nnx.Module):
         src_tokens: Int[Array, "b s"],
         cache: list[LayerCache],
         index: jax.Array | int,
+        *,
+        right_padded: bool = False,
     ) -> tuple[Float[Array, "bk t v"], list[LayerCache]]:
         """Logits for t new target tokens at positions index … index+t-1, from and into the cache
         (the encoder output is already in the cache as the encoder-decoder keys/values). The target
         may have k rows per source (beam search's hypotheses, those of one source adjacent): they
-        share the source's encoder-decoder keys/values, which the cache holds once."""
+        share the source's encoder-decoder keys/values, which the cache holds once. Source pads
+        are hidden wherever they are (as per-row lengths where `right_padded` promises right
+        padding)."""
         max_len = cache[0]["k"].shape[1]
         positions = jnp.broadcast_to(index + jnp.arange(tgt_tokens.shape[1]), tgt_tokens.shape)
         # Dense masks: a cached step's causality is offset by `index`, which is_causal cannot say
         # (attention_impl="auto" sends dense masks to XLA; one query per row is memory-bound anyway).
         self_mask = causal_mask(tgt_tokens.shape[1], max_len, offset=index)
-        cross_mask = cross_attention_mask(src_tokens, self.config.pad_id)  # per source: [b] lengths
+        # Per source: [b] lengths or a [b, 1, 1, s] key mask.
+        cross_mask = cross_attention_mask(src_tokens, self.config.pad_id, right_padded=right_padded)
         y = self.tgt_embed(tgt_tokens, positions)
         y, cache = self.decoder(y, None, self_mask, cross_mask, cache=cache, cache_index=index)
         return self.logits(y), cache
@@ -149,7 +185,9 @@ class Transformer(nnx.Module):
 
 class TransformerLM(nnx.Module):
     """A decoder-only language model from the same layers: causal self-attention, no cross-attention,
-    output projection tied to the token embedding (when share_embeddings)."""
+    output projection tied to the token embedding (when share_embeddings). Pads may stand anywhere
+    (module docstring); a left pad, which has no real key at or before it, gets meaningless logits
+    (finite with the reference formula and XLA: its scores are all the same large negative number)."""
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -166,13 +204,18 @@ class TransformerLM(nnx.Module):
         *,
         positions: Int[Array, "b t"] | None = None,
         segments: Int[Array, "b t"] | None = None,
+        right_padded: bool = False,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> Float[Array, "b t v"]:
-        """Next-token logits (float32) at every position: logits[:, i] predicts tokens[:, i + 1].
-        Rows are right-padded."""
+        """Next-token logits (float32) at every position: logits[:, i] at a real token predicts the
+        row's next real token. Rows are padded anywhere (or right-padded, as `right_padded`
+        promises); packed rows pass `segments` and `positions`."""
         check_tokens("tokens", tokens, self.config)
-        mask = self_attention_mask(tokens, self.config.pad_id, causal=True, segments=segments)
+        pad_id, right_padded = self.config.pad_id, right_padded or segments is not None
+        mask = self_attention_mask(tokens, pad_id, causal=True, segments=segments, right_padded=right_padded)
+        if positions is None:
+            positions = _default_positions(tokens, pad_id, right_padded)
         x = self.embed(tokens, positions, deterministic=deterministic, rngs=rngs)
         x, _ = self.decoder(x, None, mask, None, deterministic=deterministic, rngs=rngs)
         return self.logits(x)
@@ -200,8 +243,9 @@ class TransformerLM(nnx.Module):
 
 class TransformerClassifier(nnx.Module):
     """An encoder-only classifier: the encoder of §3.1, its outputs averaged over the real (non-pad)
-    positions, then a linear layer to `num_classes` logits. Rows are right-padded; the average is
-    taken in float32, and the logits are float32."""
+    positions, then a linear layer to `num_classes` logits. The average is taken in float32, and the
+    logits are float32. Pads may stand anywhere (module docstring), so a row's logits do not depend
+    on where or how many pads it has; `right_padded=True` promises right-padded rows."""
 
     def __init__(self, config: TransformerConfig, num_classes: int, *, rngs: nnx.Rngs):
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -215,16 +259,68 @@ class TransformerClassifier(nnx.Module):
         annotate(self.classifier.bias, CLASSES)
 
     def __call__(
-        self, tokens: Int[Array, "b s"], *, deterministic: bool = True, rngs: nnx.Rngs | None = None
+        self,
+        tokens: Int[Array, "b s"],
+        *,
+        right_padded: bool = False,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
     ) -> Float[Array, "b c"]:
         check_tokens("tokens", tokens, self.config)
-        real = tokens != self.config.pad_id
-        x = self.embed(tokens, deterministic=deterministic, rngs=rngs)
-        mask = self_attention_mask(tokens, self.config.pad_id)
+        pad_id = self.config.pad_id
+        real = tokens != pad_id
+        positions = _default_positions(tokens, pad_id, right_padded)
+        x = self.embed(tokens, positions, deterministic=deterministic, rngs=rngs)
+        mask = self_attention_mask(tokens, pad_id, right_padded=right_padded)
         x = self.encoder(x, mask, deterministic=deterministic, rngs=rngs)
         weights = real[..., None].astype(jnp.float32)
         pooled = (x.astype(jnp.float32) * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
         return self.classifier(pooled)
+
+
+class TransformerMLM(nnx.Module):
+    """An encoder-only masked language model, for BERT-style pre-training (Devlin et al., 2019; not
+    in the paper): the encoder of §3.1, then at every position logits over the vocabulary from the
+    pre-softmax linear transformation of §3.4, tied to the token embedding (when share_embeddings),
+    as in `TransformerLM`. BERT's extra transform head before the projection (a dense layer, GELU
+    and LayerNorm) and its output bias are left out.
+
+    `embed` and `encoder` are built and named as in `TransformerClassifier`, so that the parameters
+    of an MLM run load into a classifier by matching paths (all but the classifier's `classifier`).
+    Pads may stand anywhere (module docstring); packed rows pass `segments` (example ids, 0 =
+    padding) and `positions` (restarting at 0 per example), and no example attends to another.
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = InputEmbedding(config, TokenEmbedding(config, rngs=rngs), rngs=rngs)
+        self.encoder = Encoder(config, rngs=rngs)
+        self.output_projection = PreSoftmaxProjection(config, rngs=rngs)
+
+    def logits(self, x: Float[Array, "b l m"]) -> Float[Array, "b l v"]:
+        """§3.4: the pre-softmax linear transformation (the token embedding matrix, transposed)."""
+        return self.output_projection(x, self.embed.token_embedding)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "b l"],
+        *,
+        positions: Int[Array, "b l"] | None = None,
+        segments: Int[Array, "b l"] | None = None,
+        right_padded: bool = False,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> Float[Array, "b l v"]:
+        """Token logits (float32) at every position: logits[:, i] scores what tokens[:, i] stands
+        for (the original token where the input holds a mask token)."""
+        check_tokens("tokens", tokens, self.config)
+        pad_id, right_padded = self.config.pad_id, right_padded or segments is not None
+        mask = self_attention_mask(tokens, pad_id, segments=segments, right_padded=right_padded)
+        if positions is None:
+            positions = _default_positions(tokens, pad_id, right_padded)
+        x = self.embed(tokens, positions, deterministic=deterministic, rngs=rngs)
+        x = self.encoder(x, mask, deterministic=deterministic, rngs=rngs)
+        return self.logits(x)
 
 
 def count_parameters(model: nnx.Module) -> int:

@@ -6,13 +6,19 @@ Two forms, one convention (True / inside means "query position q may attend to k
   `&` and are applied once, inside attention, as `jnp.where(mask, scores, jnp.finfo(scores.dtype).min)`.
 - `AttentionMask`, a description built by the pure helpers below: per-row key lengths for padding,
   a causal flag, and a dense boolean array only where nothing shorter says it (the segment ids of
-  packed rows, the offset causal mask of a KV-cache decoding step). The reference attention turns
-  it into one boolean array (`AttentionMask.to_dense`); cuDNN's flash attention takes the lengths
-  and the causal flag as they are, so that no `[b, h, q, k]` array is built for them; the Pallas
-  kernel takes the causal flag and segment ids (packed rows' own, kept beside the dense part).
+  packed rows, the offset causal mask of a KV-cache decoding step, the pad keys of rows that may
+  be padded anywhere). The reference attention turns it into one boolean array
+  (`AttentionMask.to_dense`); cuDNN's flash attention takes the lengths and the causal flag as they
+  are, so that no `[b, h, q, k]` array is built for them; the Pallas kernel takes the causal flag
+  and segment ids (packed rows' own, kept beside the dense part).
 
-Batches are right-padded (every row's real tokens come first, as transformer/data.py makes them),
-so a row's key padding is "key k >= its number of real tokens".
+Padding is said one of two ways. In general a key is real iff its token is not pad_id, wherever
+the pads are (left, right or between real tokens): a dense `[b, 1, 1, k]` part, which
+attention_impl "auto" and "pallas" send to XLA (`attention.resolve_attention_impl`). Where the caller
+promises right-padded rows (`right_padded=True`: every row's real tokens come first, as
+transformer/data makes them), a row's key padding is "key k >= its number of real tokens": per-row
+lengths, which cuDNN's and the Pallas kernel take. The helpers below default to right-padded rows;
+the models pass the choice explicitly.
 """
 
 from __future__ import annotations
@@ -58,6 +64,14 @@ def real_lengths(tokens: Int[Array, "b l"], pad_id: int) -> Int[Array, "b"]:
     """The number of real (non-pad) tokens of each right-padded row, as int32 (what
     `jax.nn.dot_product_attention` takes as sequence lengths)."""
     return (tokens != pad_id).sum(axis=1, dtype=jnp.int32)
+
+
+def real_positions(tokens: Int[Array, "b l"], pad_id: int) -> Int[Array, "b l"]:
+    """Each token's index among its row's real (non-pad) tokens, as int32; pads get 0. Right-padded
+    rows get 0 … l-1 at their real tokens, so a row's real tokens get the same positions wherever
+    its pads are."""
+    real = tokens != pad_id
+    return jnp.where(real, jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1, 0)
 
 
 @flax.struct.dataclass
@@ -115,10 +129,19 @@ def as_attention_mask(mask: AttentionMask | jax.Array | None) -> AttentionMask:
 
 
 def self_attention_mask(
-    tokens: Int[Array, "b l"], pad_id: int, *, causal: bool = False, segments: Int[Array, "b l"] | None = None
+    tokens: Int[Array, "b l"],
+    pad_id: int,
+    *,
+    causal: bool = False,
+    segments: Int[Array, "b l"] | None = None,
+    right_padded: bool = True,
 ) -> AttentionMask:
-    """Self-attention over right-padded rows: padding as lengths, §3.2.3 causality as a flag, and
-    for packed rows the segment ids as a dense mask (and as they are, for the Pallas kernel)."""
+    """Self-attention: §3.2.3 causality as a flag; padding as lengths for right-padded rows, else as
+    a dense key mask (pad keys hidden wherever they are); for packed rows (`segments`, whatever
+    `right_padded` says) the segment ids as a dense mask (and as they are, for the Pallas kernel)
+    beside the lengths."""
+    if segments is None and not right_padded:
+        return AttentionMask(dense=padding_mask(tokens, tokens, pad_id), causal=causal)
     dense = None if segments is None else segment_mask(segments, segments)
     return AttentionMask(dense=dense, kv_lengths=real_lengths(tokens, pad_id), causal=causal,
                          q_segments=segments, kv_segments=segments)
@@ -129,10 +152,14 @@ def cross_attention_mask(
     pad_id: int,
     q_segments: Int[Array, "b q"] | None = None,
     k_segments: Int[Array, "b k"] | None = None,
+    *,
+    right_padded: bool = True,
 ) -> AttentionMask:
     """Encoder-decoder attention: every target position may see every real source position (and,
-    for packed rows, only those of its own example)."""
+    for packed rows, only those of its own example). Padding as in `self_attention_mask`."""
     packed = q_segments is not None and k_segments is not None
+    if not packed and not right_padded:
+        return AttentionMask(dense=padding_mask(k_tokens, k_tokens, pad_id))
     dense = segment_mask(q_segments, k_segments) if packed else None
     return AttentionMask(dense=dense, kv_lengths=real_lengths(k_tokens, pad_id),
                          q_segments=q_segments if packed else None, kv_segments=k_segments if packed else None)
@@ -144,11 +171,15 @@ def attention_masks(
     pad_id: int,
     src_segments: Int[Array, "b s"] | None = None,
     tgt_segments: Int[Array, "b t"] | None = None,
+    *,
+    right_padded: bool = True,
 ) -> tuple[AttentionMask, AttentionMask, AttentionMask]:
     """The three masks of the encoder-decoder: encoder self, decoder self (causal), cross."""
     packed = src_segments is not None and tgt_segments is not None
-    enc_self = self_attention_mask(src_tokens, pad_id, segments=src_segments if packed else None)
-    dec_self = self_attention_mask(tgt_tokens, pad_id, causal=True, segments=tgt_segments if packed else None)
+    pads = dict(right_padded=right_padded)
+    enc_self = self_attention_mask(src_tokens, pad_id, segments=src_segments if packed else None, **pads)
+    dec_self = self_attention_mask(tgt_tokens, pad_id, causal=True, segments=tgt_segments if packed else None,
+                                   **pads)
     cross = cross_attention_mask(src_tokens, pad_id, tgt_segments if packed else None,
-                                 src_segments if packed else None)
+                                 src_segments if packed else None, **pads)
     return enc_self, dec_self, cross

@@ -50,7 +50,8 @@ def classify_objective(label_smoothing: float, pad_id: int) -> Objective:
     rows (`weights`; filler rows weigh 0)."""
 
     def fn(model, batch, *, deterministic: bool, rngs):
-        logits = model(batch["tokens"], deterministic=deterministic, rngs=rngs)  # [b, classes], float32
+        # Rows are right-padded (TextPlan): padding as per-row lengths.
+        logits = model(batch["tokens"], right_padded=True, deterministic=deterministic, rngs=rngs)  # [b, classes]
         labels, weights = batch["labels"], batch["weights"]
         log_p = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]

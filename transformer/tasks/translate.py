@@ -62,8 +62,10 @@ def translation_objective(label_smoothing: float, pad_id: int) -> Objective:
     (`loss_and_metrics`), with the batch's real source tokens counted for throughput."""
 
     def fn(model, batch, *, deterministic: bool, rngs):
+        # Batches are right-padded (data.batching): padding reaches attention as per-row lengths,
+        # the form the cuDNN and Pallas kernels take.
         logits = model(batch["src"], batch["tgt_in"], **{k: batch[k] for k in _MODEL_INPUTS if k in batch},
-                       deterministic=deterministic, rngs=rngs)
+                       right_padded=True, deterministic=deterministic, rngs=rngs)
         weights = (batch["tgt_out"] != pad_id).astype(jnp.float32)
         sums = loss_and_metrics(logits, batch["tgt_out"], weights, label_smoothing)
         sums["src_tokens"] = (batch["src"] != pad_id).sum().astype(jnp.float32)
