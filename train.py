@@ -93,8 +93,11 @@ def settings(args, backend: str = "cpu"):
     model_overrides = {"dtype": default_dtype(backend), **overrides_for(args, TransformerConfig)}
     task_cls = TASKS[args.task]
     presets = task_cls.PRESETS.get(args.config, {})
-    train_config = TrainConfig(**{**TRAIN_PRESETS[args.config], **presets.get("train", {}),
-                                  **overrides_for(args, TrainConfig)})
+    flags = overrides_for(args, TrainConfig)
+    fields = {**TRAIN_PRESETS[args.config], **presets.get("train", {}), **flags}
+    if fields.get("schedule", "noam") != "noam" and "lr_scale" not in flags:
+        fields.pop("lr_scale", None)  # a preset scales its noam schedule; the others take --learning_rate
+    train_config = TrainConfig(**fields)
     task = task_cls(task_cls.Config(**{**presets.get("task", {}), **overrides_for(args, task_cls.Config)}), train_config)
     workdir = args.workdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     if train_config.init_from and not os.path.exists(os.path.join(workdir, "config.json")):
