@@ -183,42 +183,66 @@ class Transformer(nnx.Module):
         return self.logits(y), cache
 
 
-class TransformerLM(nnx.Module):
-    """A decoder-only language model from the same layers: causal self-attention, no cross-attention,
-    output projection tied to the token embedding (when share_embeddings). Pads may stand anywhere
-    (module docstring); a left pad, which has no real key at or before it, gets meaningless logits
-    (finite with the reference formula and XLA: its scores are all the same large negative number)."""
+class _TokenLogitsModel(nnx.Module):
+    """What the two one-stack language models share: the input embedding, one stack of layers
+    (`_stack`), and at every position logits over the vocabulary from the pre-softmax linear
+    transformation of §3.4, tied to the token embedding (when share_embeddings). `causal`: whether
+    a position's self-attention stops at itself."""
+
+    causal: bool
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed = InputEmbedding(config, TokenEmbedding(config, rngs=rngs), rngs=rngs)
-        self.decoder = Decoder(config, cross_attention=False, rngs=rngs)
+        self._build_stack(config, rngs)
         self.output_projection = PreSoftmaxProjection(config, rngs=rngs)
 
-    def logits(self, x: Float[Array, "b t m"]) -> Float[Array, "b t v"]:
+    def _build_stack(self, config: TransformerConfig, rngs: nnx.Rngs) -> None:
+        raise NotImplementedError
+
+    def _stack(self, x, mask, *, deterministic: bool, rngs):
+        raise NotImplementedError
+
+    def logits(self, x: Float[Array, "b l m"]) -> Float[Array, "b l v"]:
+        """§3.4: the pre-softmax linear transformation (the token embedding matrix, transposed)."""
         return self.output_projection(x, self.embed.token_embedding)
 
     def __call__(
         self,
-        tokens: Int[Array, "b t"],
+        tokens: Int[Array, "b l"],
         *,
-        positions: Int[Array, "b t"] | None = None,
-        segments: Int[Array, "b t"] | None = None,
+        positions: Int[Array, "b l"] | None = None,
+        segments: Int[Array, "b l"] | None = None,
         right_padded: bool = False,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
-    ) -> Float[Array, "b t v"]:
-        """Next-token logits (float32) at every position: logits[:, i] at a real token predicts the
-        row's next real token. Rows are padded anywhere (or right-padded, as `right_padded`
-        promises); packed rows pass `segments` and `positions`."""
+    ) -> Float[Array, "b l v"]:
+        """Logits (float32) at every position (what they predict: the class docstring). Rows are
+        padded anywhere (or right-padded, as `right_padded` promises); packed rows pass `segments`
+        (example ids, 0 = padding) and `positions` (restarting at 0 per example), and no example
+        attends to another."""
         check_tokens("tokens", tokens, self.config)
         pad_id, right_padded = self.config.pad_id, right_padded or segments is not None
-        mask = self_attention_mask(tokens, pad_id, causal=True, segments=segments, right_padded=right_padded)
+        mask = self_attention_mask(tokens, pad_id, causal=self.causal, segments=segments, right_padded=right_padded)
         if positions is None:
             positions = _default_positions(tokens, pad_id, right_padded)
         x = self.embed(tokens, positions, deterministic=deterministic, rngs=rngs)
-        x, _ = self.decoder(x, None, mask, None, deterministic=deterministic, rngs=rngs)
-        return self.logits(x)
+        return self.logits(self._stack(x, mask, deterministic=deterministic, rngs=rngs))
+
+
+class TransformerLM(_TokenLogitsModel):
+    """A decoder-only language model from the same layers: causal self-attention, no cross-attention;
+    logits[:, i] at a real token predicts the row's next real token. Pads may stand anywhere
+    (module docstring); a left pad, which has no real key at or before it, gets meaningless logits
+    (finite with the reference formula and XLA: its scores are all the same large negative number)."""
+
+    causal = True
+
+    def _build_stack(self, config: TransformerConfig, rngs: nnx.Rngs) -> None:
+        self.decoder = Decoder(config, cross_attention=False, rngs=rngs)
+
+    def _stack(self, x, mask, *, deterministic: bool, rngs):
+        return self.decoder(x, None, mask, None, deterministic=deterministic, rngs=rngs)[0]
 
     def init_cache(self, batch: int, max_len: int) -> list[LayerCache]:
         return self.decoder.init_cache(batch, max_len, None, self.config.compute_dtype)
@@ -278,49 +302,25 @@ class TransformerClassifier(nnx.Module):
         return self.classifier(pooled)
 
 
-class TransformerMLM(nnx.Module):
+class TransformerMLM(_TokenLogitsModel):
     """An encoder-only masked language model, for BERT-style pre-training (Devlin et al., 2019; not
-    in the paper): the encoder of §3.1, then at every position logits over the vocabulary from the
-    pre-softmax linear transformation of §3.4, tied to the token embedding (when share_embeddings),
-    as in `TransformerLM`. BERT's extra transform head before the projection (a dense layer, GELU
-    and LayerNorm) and its output bias are left out.
+    in the paper): the encoder of §3.1, then logits[:, i] scores what tokens[:, i] stands for (the
+    original token where the input holds a mask token), tied as in `TransformerLM`. BERT's extra
+    transform head before the projection (a dense layer, GELU and LayerNorm) and its output bias
+    are left out.
 
     `embed` and `encoder` are built and named as in `TransformerClassifier`, so that the parameters
     of an MLM run load into a classifier by matching paths (all but the classifier's `classifier`).
-    Pads may stand anywhere (module docstring); packed rows pass `segments` (example ids, 0 =
-    padding) and `positions` (restarting at 0 per example), and no example attends to another.
+    Pads may stand anywhere (module docstring).
     """
 
-    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        self.embed = InputEmbedding(config, TokenEmbedding(config, rngs=rngs), rngs=rngs)
+    causal = False
+
+    def _build_stack(self, config: TransformerConfig, rngs: nnx.Rngs) -> None:
         self.encoder = Encoder(config, rngs=rngs)
-        self.output_projection = PreSoftmaxProjection(config, rngs=rngs)
 
-    def logits(self, x: Float[Array, "b l m"]) -> Float[Array, "b l v"]:
-        """§3.4: the pre-softmax linear transformation (the token embedding matrix, transposed)."""
-        return self.output_projection(x, self.embed.token_embedding)
-
-    def __call__(
-        self,
-        tokens: Int[Array, "b l"],
-        *,
-        positions: Int[Array, "b l"] | None = None,
-        segments: Int[Array, "b l"] | None = None,
-        right_padded: bool = False,
-        deterministic: bool = True,
-        rngs: nnx.Rngs | None = None,
-    ) -> Float[Array, "b l v"]:
-        """Token logits (float32) at every position: logits[:, i] scores what tokens[:, i] stands
-        for (the original token where the input holds a mask token)."""
-        check_tokens("tokens", tokens, self.config)
-        pad_id, right_padded = self.config.pad_id, right_padded or segments is not None
-        mask = self_attention_mask(tokens, pad_id, segments=segments, right_padded=right_padded)
-        if positions is None:
-            positions = _default_positions(tokens, pad_id, right_padded)
-        x = self.embed(tokens, positions, deterministic=deterministic, rngs=rngs)
-        x = self.encoder(x, mask, deterministic=deterministic, rngs=rngs)
-        return self.logits(x)
+    def _stack(self, x, mask, *, deterministic: bool, rngs):
+        return self.encoder(x, mask, deterministic=deterministic, rngs=rngs)
 
 
 def count_parameters(model: nnx.Module) -> int:

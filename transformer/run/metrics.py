@@ -86,13 +86,41 @@ def plot_curves(workdir: str, filename: str = "curves.png") -> str | None:
         if rows:
             ax_loss.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label, marker="." if label == "validation" else None)
             ax_acc.plot([r["step"] for r in rows], [r["accuracy"] for r in rows], label=label)
-    ax_loss.set(xlabel="step", ylabel="label-smoothed loss per token", title="loss")
-    ax_acc.set(xlabel="step", ylabel="token accuracy", title="accuracy")
+    # The task's own loss and accuracy: per token (translate, lm), per masked position (mlm) or per
+    # example (classify); metrics.jsonl's first record names the task.
+    ax_loss.set(xlabel="step", ylabel="loss (the task's objective)", title="loss")
+    ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
     path = os.path.join(workdir, filename)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(runs: dict[str, str], path: str, metric: str = "accuracy", split: str = "validation") -> str:
+    """One metric of several runs against step, in one PNG: `runs` maps a label to a work dir.
+    Raises ValueError naming a run that has no such record."""
+    curves = {}
+    for label, workdir in runs.items():
+        rows = [r for r in read_metrics(workdir) if r.get("split") == split and metric in r]
+        if not rows:
+            raise ValueError(f"{workdir} has no {split} {metric} in its metrics.jsonl")
+        curves[label] = rows
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, rows in curves.items():
+        ax.plot([r["step"] for r in rows], [r[metric] for r in rows], label=label, marker=".")
+    ax.set(xlabel="step", ylabel=f"{split} {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -11,18 +11,16 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 
-from transformer import data as data_lib
 from transformer.config import ConfigError
-from transformer.data.tokenizer import CharTokenizer, Tokenizer
+from transformer.data.tokenizer import Tokenizer
 from transformer.models.transformer import TransformerLM
-from transformer.tasks.base import RunView, Task
-from transformer.tasks.text_data import check_sources
-from transformer.training.loss import loss_and_metrics, token_means
+from transformer.tasks.base import RunView
+from transformer.tasks.text_data import COUNTING, DocumentTask, check_sources
+from transformer.training.loss import loss_and_metrics
 from transformer.training.step import Objective
 
-GENERATED = "counting"
+GENERATED = COUNTING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,55 +61,24 @@ def lm_objective(label_smoothing: float, pad_id: int) -> Objective:
     return Objective(fn, count="tokens")
 
 
-def load_text_splits(config, train) -> tuple[list[str], list[str]]:
-    """Training and validation documents of an lm or mlm config (`dataset`, `eval_dataset`, `text_feature`)."""
-    if config.dataset == GENERATED:
-        return (data_lib.counting_documents(config.synthetic_examples, seed=train.seed),
-                data_lib.counting_documents(500, seed=train.seed + 10_000))
-    from transformer.data.texts import load_documents
-
-    options = dict(text_feature=config.text_feature, tfds_data_dir=train.tfds_data_dir)
-    docs = load_documents(config.dataset, train.train_split, **options)
-    eval_docs = load_documents(config.eval_dataset or config.dataset, train.eval_split, **options)
-    return docs, eval_docs
-
-
-class LMTask(Task):
+class LMTask(DocumentTask):
     name = "lm"
     Config = LMConfig
     PRESETS = {"tiny": {"train": dict(num_train_steps=600, batch_tokens=2048, warmup_steps=100, lr_scale=2.0,
                                       label_smoothing=0.0, log_every=100, eval_every=300, checkpoint_every=300),
                         "task": dict(seq_len=64)}}
     RESUME_MAY_CHANGE = ("samples", "sample_tokens")
-    example_name = "training documents"
-
-    def load(self) -> None:
-        self.docs, self.eval_docs = load_text_splits(self.config, self.train)
-
-    def fixed_tokenizer(self) -> Tokenizer | None:
-        return CharTokenizer(data_lib.REVERSE_ALPHABET) if self.config.dataset == GENERATED else None
-
-    def tokenizer_texts(self):
-        return iter(self.docs)
 
     def plans(self, tokenizer: Tokenizer, multiple: int):
-        from transformer.data.batching import LM, TextPlan, encode_documents
+        from transformer.data.batching import LM
 
-        seq_len, train = self.config.seq_len, self.train
-        examples = encode_documents(self.docs, tokenizer, seq_len, kind=LM)
-        eval_examples = encode_documents(self.eval_docs, tokenizer, seq_len, kind=LM)
-        self.num_train_examples = len(self.docs)
-        return (TextPlan(examples, train.batch_tokens, seq_len, multiple, packing=True, seed=train.seed),
-                TextPlan(eval_examples, train.batch_tokens, seq_len, multiple, packing=True, shuffle=False))
+        return self.document_plans(tokenizer, multiple, self.config.seq_len, LM, packing=True)
 
     def model_cls(self):
         return TransformerLM
 
     def objective(self, model_config) -> Objective:
         return lm_objective(self.train.label_smoothing, model_config.pad_id)
-
-    def summarize(self, sums):
-        return token_means(sums)
 
     def finish(self, run: RunView) -> dict[str, Any]:
         """Greedy continuations of the first half of a few validation documents."""

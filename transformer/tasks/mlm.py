@@ -14,13 +14,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from transformer import data as data_lib
 from transformer.config import ConfigError
-from transformer.data.tokenizer import CharTokenizer, Tokenizer
-from transformer.tasks.base import Task
-from transformer.tasks.lm import GENERATED, load_text_splits
-from transformer.tasks.text_data import check_sources
-from transformer.training.loss import loss_and_metrics, token_means
+from transformer.data.tokenizer import Tokenizer
+from transformer.tasks.text_data import COUNTING as GENERATED, DocumentTask, check_sources
+from transformer.training.loss import loss_and_metrics
 from transformer.training.step import Objective
 
 FIRST_ORDINARY_ID = 4  # ids 0-3 are padding, unknown, begin and end (`data/tokenizer.py`)
@@ -82,35 +79,18 @@ def mlm_objective(config: MLMConfig, label_smoothing: float, pad_id: int, mask_i
     return Objective(fn, count="tokens")
 
 
-class MLMTask(Task):
+class MLMTask(DocumentTask):
     name = "mlm"
     Config = MLMConfig
     PRESETS = {"tiny": {"train": dict(num_train_steps=600, batch_tokens=2048, max_length=32, warmup_steps=100,
                                       lr_scale=2.0, label_smoothing=0.0, log_every=100, eval_every=300,
                                       checkpoint_every=300)}}
     throughput = ("input_tokens",)
-    example_name = "training documents"
-
-    def load(self) -> None:
-        self.docs, self.eval_docs = load_text_splits(self.config, self.train)
-
-    def fixed_tokenizer(self) -> Tokenizer | None:
-        return CharTokenizer(data_lib.REVERSE_ALPHABET) if self.config.dataset == GENERATED else None
-
-    def tokenizer_texts(self):
-        return iter(self.docs)
 
     def plans(self, tokenizer: Tokenizer, multiple: int):
-        from transformer.data.batching import MLM, TextPlan, encode_documents
+        from transformer.data.batching import MLM
 
-        train = self.train
-        examples = encode_documents(self.docs, tokenizer, train.max_length, kind=MLM)
-        eval_examples = encode_documents(self.eval_docs, tokenizer, train.max_length, kind=MLM)
-        self.num_train_examples = len(self.docs)
-        return (TextPlan(examples, train.batch_tokens, train.max_length, multiple, packing=train.packing,
-                         seed=train.seed),
-                TextPlan(eval_examples, train.batch_tokens, train.max_length, multiple, packing=train.packing,
-                         shuffle=False))
+        return self.document_plans(tokenizer, multiple, self.train.max_length, MLM, packing=self.train.packing)
 
     def model_cls(self):
         from transformer.models.transformer import TransformerMLM
@@ -123,5 +103,3 @@ class MLMTask(Task):
         return mlm_objective(self.config, self.train.label_smoothing, model_config.pad_id, BOS_ID,
                              model_config.vocab_size)
 
-    def summarize(self, sums):
-        return token_means(sums)  # over the chosen positions: masked-token accuracy and perplexity

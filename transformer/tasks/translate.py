@@ -8,7 +8,6 @@ import dataclasses
 import os
 from typing import Any, Iterable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
