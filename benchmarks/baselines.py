@@ -1,12 +1,17 @@
 """What a user would otherwise build, for side-by-side timing (benchmarks only, not the library):
 
-(a) the same encoder-decoder assembled from Flax's stock NNX layers (nnx.MultiHeadAttention,
-    nnx.Linear, nnx.LayerNorm, nnx.Embed) with a plain training step (nnx.Optimizer, one-hot
-    smoothed labels with optax, nnx.jit, a stateful dropout stream);
-(b) PyTorch's nn.Transformer with tied embeddings and CrossEntropyLoss(label_smoothing=0.1),
-    eager and under torch.compile, when torch is installed.
+(a) the same model assembled from Flax's stock NNX layers (nnx.MultiHeadAttention, nnx.Linear,
+    nnx.LayerNorm, nnx.Embed) with a plain training step (nnx.Optimizer, one-hot smoothed labels
+    with optax, nnx.jit, a stateful dropout stream);
+(b) PyTorch's stock layers with tied embeddings and CrossEntropyLoss(label_smoothing=0.1), eager
+    and under torch.compile, when torch is installed: nn.Transformer for the encoder-decoder,
+    nn.TransformerEncoder layers under a causal mask for the decoder-only model.
 
-Both follow the paper's architecture and hyper-parameters as closely as their stock parts allow.
+Each builds one of two families (`family`): "translate", the encoder-decoder, whose batches hold
+src, tgt_in and tgt_out; "lm", the decoder-only language model (post-LN self-attention layers under
+a causal mask, no cross-attention, the output projection tied to the embedding), whose batches hold
+tokens_in and tokens_out. Both follow the paper's architecture and hyper-parameters as closely as
+their stock parts allow.
 """
 
 from __future__ import annotations
@@ -28,7 +33,13 @@ def _sinusoids(length: int, d_model: int) -> np.ndarray:
     return pe
 
 
+# Per family: the batch entries the model reads, and the targets.
+FAMILY_KEYS = {"translate": (("src", "tgt_in"), "tgt_out"), "lm": (("tokens_in",), "tokens_out")}
+
+
 class _StockEncoderLayer(nnx.Module):
+    """A post-LN self-attention layer; under a causal mask, the decoder-only model's layer."""
+
     def __init__(self, d, h, d_ff, p, dtype, rngs):
         self.attn = nnx.MultiHeadAttention(h, d, dropout_rate=0.0, decode=False, dtype=dtype, rngs=rngs)
         self.ln1, self.ln2 = nnx.LayerNorm(d, dtype=dtype, rngs=rngs), nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
@@ -55,41 +66,68 @@ class _StockDecoderLayer(nnx.Module):
         return self.ln3(y + self.drop(self.ff2(jax.nn.relu(self.ff1(y))), **d))
 
 
-class FlaxStockTransformer(nnx.Module):
-    def __init__(self, vocab, d, h, d_ff, N, p, max_len, dtype, rngs):
+class _FlaxStockEmbedded(nnx.Module):
+    """The embedding both families share: Dropout(E[tokens]·√d + sinusoids), and its tied output projection."""
+
+    def __init__(self, vocab, d, p, max_len, dtype, rngs):
         self.d = d
         self.embed = nnx.Embed(vocab, d, dtype=dtype, rngs=rngs)
         self.pe = nnx.Variable(jnp.asarray(_sinusoids(max_len, d)))
         self.drop = nnx.Dropout(p, rngs=rngs)
+
+    def embedded(self, tokens, deterministic):
+        return self.drop(self.embed(tokens) * math.sqrt(self.d) + self.pe[...][: tokens.shape[1]][None],
+                         deterministic=deterministic)
+
+
+class FlaxStockTransformer(_FlaxStockEmbedded):
+    def __init__(self, vocab, d, h, d_ff, N, p, max_len, dtype, rngs):
+        super().__init__(vocab, d, p, max_len, dtype, rngs)
         self.enc = nnx.List([_StockEncoderLayer(d, h, d_ff, p, dtype, rngs) for _ in range(N)])
         self.dec = nnx.List([_StockDecoderLayer(d, h, d_ff, p, dtype, rngs) for _ in range(N)])
 
     def __call__(self, src, tgt_in, deterministic=False):
-        d = dict(deterministic=deterministic)
         enc_mask = nnx.make_attention_mask(src > 0, src > 0)
         dec_mask = nnx.combine_masks(nnx.make_attention_mask(tgt_in > 0, tgt_in > 0), nnx.make_causal_mask(tgt_in))
         cross_mask = nnx.make_attention_mask(tgt_in > 0, src > 0)
-        x = self.drop(self.embed(src) * math.sqrt(self.d) + self.pe[...][: src.shape[1]][None], **d)
+        x = self.embedded(src, deterministic)
         for layer in self.enc:
             x = layer(x, enc_mask, deterministic)
-        y = self.drop(self.embed(tgt_in) * math.sqrt(self.d) + self.pe[...][: tgt_in.shape[1]][None], **d)
+        y = self.embedded(tgt_in, deterministic)
         for layer in self.dec:
             y = layer(y, x, dec_mask, cross_mask, deterministic)
         return self.embed.attend(y)
 
 
-def flax_stock_step(config, warmup_steps: int = 4000):
-    """(model, optimizer, train_step, forward_step) built the plain NNX way."""
+class FlaxStockLM(_FlaxStockEmbedded):
+    """The decoder-only model: N self-attention layers under a causal mask."""
+
+    def __init__(self, vocab, d, h, d_ff, N, p, max_len, dtype, rngs):
+        super().__init__(vocab, d, p, max_len, dtype, rngs)
+        self.layers = nnx.List([_StockEncoderLayer(d, h, d_ff, p, dtype, rngs) for _ in range(N)])
+
+    def __call__(self, tokens, deterministic=False):
+        mask = nnx.combine_masks(nnx.make_attention_mask(tokens > 0, tokens > 0), nnx.make_causal_mask(tokens))
+        x = self.embedded(tokens, deterministic)
+        for layer in self.layers:
+            x = layer(x, mask, deterministic)
+        return self.embed.attend(x)
+
+
+def flax_stock_step(config, family: str = "translate", warmup_steps: int = 4000):
+    """(model, optimizer, train_step, forward_step) of `family` built the plain NNX way."""
     dtype = jnp.dtype(config.dtype)
-    model = FlaxStockTransformer(config.vocab_size, config.d_model, config.h, config.d_ff, config.N,
-                                 config.dropout_rate, config.max_len, dtype, nnx.Rngs(0, dropout=1))
+    model_cls = {"translate": FlaxStockTransformer, "lm": FlaxStockLM}[family]
+    inputs, target = FAMILY_KEYS[family]
+    model = model_cls(config.vocab_size, config.d_model, config.h, config.d_ff, config.N,
+                      config.dropout_rate, config.max_len, dtype, nnx.Rngs(0, dropout=1))
     lr = lambda step: config.d_model**-0.5 * jnp.minimum((step + 1) ** -0.5, (step + 1) * warmup_steps**-1.5)  # noqa: E731
     optimizer = nnx.Optimizer(model, optax.adam(lr, b1=0.9, b2=0.98, eps=1e-9), wrt=nnx.Param)
 
     def loss_fn(model, batch):
-        logits = model(batch["src"], batch["tgt_in"]).astype(jnp.float32)
-        labels = optax.smooth_labels(jax.nn.one_hot(batch["tgt_out"], config.vocab_size), 0.1)
-        weights = (batch["tgt_out"] > 0).astype(jnp.float32)
+        logits = model(*(batch[k] for k in inputs)).astype(jnp.float32)
+        labels = optax.smooth_labels(jax.nn.one_hot(batch[target], config.vocab_size), 0.1)
+        weights = (batch[target] > 0).astype(jnp.float32)
         return (optax.softmax_cross_entropy(logits, labels) * weights).sum() / weights.sum()
 
     @nnx.jit
@@ -100,13 +138,14 @@ def flax_stock_step(config, warmup_steps: int = 4000):
 
     @nnx.jit
     def forward_step(model, batch):
-        return model(batch["src"], batch["tgt_in"], deterministic=True)
+        return model(*(batch[k] for k in inputs), deterministic=True)
 
     return model, optimizer, train_step, forward_step
 
 
-def torch_step(config, compile: bool, warmup_steps: int = 4000):
-    """(train_step(batch) -> loss, forward(batch)) for PyTorch nn.Transformer, or None without torch."""
+def torch_step(config, compile: bool, family: str = "translate", warmup_steps: int = 4000):
+    """(train_step(batch) -> loss, forward(batch)) of `family` in PyTorch, or None without torch:
+    nn.Transformer for "translate", nn.TransformerEncoder layers under a causal mask for "lm"."""
     try:
         import torch
     except ImportError:
@@ -117,43 +156,70 @@ def torch_step(config, compile: bool, warmup_steps: int = 4000):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # bfloat16 compute the way PyTorch users get it: autocast, float32 parameters.
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
+    inputs, target = FAMILY_KEYS[family]
 
-    class TorchTransformer(nn.Module):
+    class Embedded(nn.Module):
+        """The embedding both families share: Dropout(E[tokens]·√d + sinusoids), and its tied output projection."""
+
         def __init__(self):
             super().__init__()
             self.d = config.d_model
             self.embed = nn.Embedding(config.vocab_size, config.d_model, padding_idx=0)
             self.register_buffer("pe", torch.from_numpy(_sinusoids(config.max_len, config.d_model)))
             self.drop = nn.Dropout(config.dropout_rate)
+
+        def embedded(self, tokens):
+            return self.drop(self.embed(tokens) * math.sqrt(self.d) + self.pe[: tokens.shape[1]])
+
+        def project(self, out):
+            return out @ self.embed.weight.T  # tied pre-softmax projection
+
+    class TorchTransformer(Embedded):
+        def __init__(self):
+            super().__init__()
             self.transformer = nn.Transformer(
                 config.d_model, config.h, config.N, config.N, config.d_ff, config.dropout_rate, batch_first=True
             )
 
         def forward(self, src, tgt_in):
             causal = nn.Transformer.generate_square_subsequent_mask(tgt_in.shape[1], device=tgt_in.device, dtype=torch.bool)
-            x = self.drop(self.embed(src) * math.sqrt(self.d) + self.pe[: src.shape[1]])
-            y = self.drop(self.embed(tgt_in) * math.sqrt(self.d) + self.pe[: tgt_in.shape[1]])
             # tgt_is_causal: said, not detected (detecting it reads the mask back, a graph break for torch.compile)
-            out = self.transformer(x, y, tgt_mask=causal, src_key_padding_mask=src == 0,
-                                   tgt_key_padding_mask=tgt_in == 0, memory_key_padding_mask=src == 0,
-                                   tgt_is_causal=True)
-            return out @ self.embed.weight.T  # tied pre-softmax projection
+            out = self.transformer(self.embedded(src), self.embedded(tgt_in), tgt_mask=causal,
+                                   src_key_padding_mask=src == 0, tgt_key_padding_mask=tgt_in == 0,
+                                   memory_key_padding_mask=src == 0, tgt_is_causal=True)
+            return self.project(out)
 
-    model = TorchTransformer().to(device)
+    class TorchLM(Embedded):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(config.d_model, config.h, config.d_ff, config.dropout_rate,
+                                               batch_first=True)
+            # No final LayerNorm: each post-LN layer already ends in one (as in this library's model).
+            self.layers = nn.TransformerEncoder(layer, config.N, enable_nested_tensor=False)
+
+        def forward(self, tokens):
+            causal = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], device=tokens.device, dtype=torch.bool)
+            # is_causal: said, not detected, as tgt_is_causal above
+            out = self.layers(self.embedded(tokens), mask=causal, src_key_padding_mask=tokens == 0, is_causal=True)
+            return self.project(out)
+
+    model = {"translate": TorchTransformer, "lm": TorchLM}[family]().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: config.d_model**-0.5 * min((s + 1) ** -0.5, (s + 1) * warmup_steps**-1.5))
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=0)
     forward = torch.compile(model) if compile else model
 
+    def tensors(batch, keys):
+        return [torch.from_numpy(np.asarray(batch[k])).long().to(device) for k in keys]
+
     def train_step(batch):
         model.train()
-        src, tgt_in, tgt_out = (torch.from_numpy(np.asarray(batch[k])).long().to(device)
-                                for k in ("src", "tgt_in", "tgt_out"))
+        *args, labels = tensors(batch, (*inputs, target))
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            logits = forward(src, tgt_in)
-            loss = criterion(logits.reshape(-1, logits.shape[-1]).float(), tgt_out.reshape(-1))
+            logits = forward(*args)
+            loss = criterion(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -162,7 +228,6 @@ def torch_step(config, compile: bool, warmup_steps: int = 4000):
     def forward_step(batch):
         model.eval()
         with torch.no_grad(), autocast:
-            src, tgt_in = (torch.from_numpy(np.asarray(batch[k])).long().to(device) for k in ("src", "tgt_in"))
-            return forward(src, tgt_in)
+            return forward(*tensors(batch, inputs))
 
     return train_step, forward_step
