@@ -122,10 +122,11 @@ def analyse(config: TransformerConfig, mode: str, rows: int, length: int, n_devi
     graphdef, state, tx = abstract_state(config, train_config)
     devices = jax.devices()[:n_devices]
     batch_shape = (rows, length)
+    objective = translation_objective(train_config.label_smoothing, config.pad_id)
     if mode == "pmap":
         if rows % n_devices:
             raise ConfigError(f"{rows} rows cannot be split across {n_devices} devices")
-        train, _ = compile_steps(graphdef, tx, translation_objective(train_config.label_smoothing, config.pad_id), train_config, n_devices)
+        train, _ = compile_steps(graphdef, tx, objective, train_config, n_devices)
         stack = lambda x: jax.ShapeDtypeStruct((n_devices, *x.shape), x.dtype)  # noqa: E731
         args = (jax.tree.map(stack, state),
                 {k: jax.ShapeDtypeStruct((n_devices, rows // n_devices, length), jnp.int32)
@@ -141,7 +142,7 @@ def analyse(config: TransformerConfig, mode: str, rows: int, length: int, n_devi
         split = math.prod(mesh.shape[a] for a in rules.RULES[rules.BATCH])
         if rows % split:
             raise ConfigError(f"{rows} rows cannot be split {split} ways (mesh {mode})")
-        train, _ = compile_mesh_steps(graphdef, tx, translation_objective(train_config.label_smoothing, config.pad_id), train_config, shardings, batch_sharding,
+        train, _ = compile_mesh_steps(graphdef, tx, objective, train_config, shardings, batch_sharding,
                                       rules.replicated(mesh))
         sharded = _with_shardings(state, shardings)
         args = (sharded, {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sharding)

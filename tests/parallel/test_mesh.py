@@ -23,6 +23,7 @@ from transformer.training import TrainConfig, compile_mesh_steps, compile_steps,
 # tensor=4, d_model=20 by fsdp=4, vocab 24 by tensor=4.
 MODEL = TransformerConfig.tiny(vocab_size=24, d_model=20, d_ff=24, h=4, N=1, dropout_rate=0.0)
 TRAIN = TrainConfig(warmup_steps=10)
+OBJECTIVE = translation_objective(TRAIN.label_smoothing, MODEL.pad_id)  # every model here pads with 0
 STEPS = 2  # the second step uses the Adam moments of the first, so the optimizer state is compared too
 
 
@@ -47,9 +48,9 @@ def reference():
     """The single-device and the 8-device pmap results of the same two steps."""
     graphdef, state, tx = create_train_state(MODEL, TRAIN)
     batches = _batches()
-    single_step, _ = compile_steps(graphdef, tx, translation_objective(TRAIN.label_smoothing, MODEL.pad_id), TRAIN, 1)
+    single_step, _ = compile_steps(graphdef, tx, OBJECTIVE, TRAIN, 1)
     single, single_losses = _run(single_step, jax.tree.map(jnp.copy, state), batches)
-    pmap_step, _ = compile_steps(graphdef, tx, translation_objective(TRAIN.label_smoothing, MODEL.pad_id), TRAIN, 8)
+    pmap_step, _ = compile_steps(graphdef, tx, OBJECTIVE, TRAIN, 8)
     devices = jax.local_devices()
     pmapped, pmap_losses = _run(pmap_step, replicate_on_devices(state, devices), batches,
                                 lambda b: shard_for_devices(b, 8))
@@ -64,7 +65,7 @@ def test_mesh_step_equals_the_single_device_and_the_pmap_step(reference, mesh_sp
     mesh = make_mesh(ParallelConfig(parallel="mesh", mesh=mesh_spec))
     check_model_fits(MODEL, mesh)
     shardings = state_shardings(reference["state"], mesh)
-    train_step, _ = compile_mesh_steps(reference["graphdef"], reference["tx"], translation_objective(TRAIN.label_smoothing, MODEL.pad_id), TRAIN, shardings,
+    train_step, _ = compile_mesh_steps(reference["graphdef"], reference["tx"], OBJECTIVE, TRAIN, shardings,
                                        batch_sharding(mesh), replicated(mesh))
     state = place(reference["state"], shardings)
     sharded, losses = _run(train_step, state, reference["batches"], lambda b: place(b, batch_sharding(mesh)))
@@ -88,11 +89,11 @@ def test_dropout_on_a_mesh_draws_what_one_device_draws():
     model = dataclasses.replace(MODEL, dropout_rate=0.3)
     graphdef, state, tx = create_train_state(model, TRAIN)
     batches = _batches(1)
-    single_step, _ = compile_steps(graphdef, tx, translation_objective(TRAIN.label_smoothing, model.pad_id), TRAIN, 1)
+    single_step, _ = compile_steps(graphdef, tx, OBJECTIVE, TRAIN, 1)
     single, single_losses = _run(single_step, jax.tree.map(jnp.copy, state), batches)
     mesh = make_mesh(ParallelConfig(parallel="mesh", mesh="data=2,fsdp=2,tensor=2"))
     shardings = state_shardings(state, mesh)
-    step, _ = compile_mesh_steps(graphdef, tx, translation_objective(TRAIN.label_smoothing, model.pad_id), TRAIN, shardings, batch_sharding(mesh), replicated(mesh))
+    step, _ = compile_mesh_steps(graphdef, tx, OBJECTIVE, TRAIN, shardings, batch_sharding(mesh), replicated(mesh))
     sharded, losses = _run(step, place(state, shardings), batches, lambda b: place(b, batch_sharding(mesh)))
     np.testing.assert_allclose(float(losses[0]), float(single_losses[0]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(jax.device_get(sharded.params)), jax.tree.leaves(jax.device_get(single.params))):
@@ -105,14 +106,14 @@ def test_head_sizes_apart_from_d_model_over_h_on_a_tensor_mesh():
     model = dataclasses.replace(MODEL, d_k=3, d_v=7)
     graphdef, state, tx = create_train_state(model, TRAIN)
     batches = _batches(1)
-    single_step, _ = compile_steps(graphdef, tx, translation_objective(TRAIN.label_smoothing, model.pad_id), TRAIN, 1)
+    single_step, _ = compile_steps(graphdef, tx, OBJECTIVE, TRAIN, 1)
     single, single_losses = _run(single_step, jax.tree.map(jnp.copy, state), batches)
     mesh = make_mesh(ParallelConfig(parallel="mesh", mesh="data=4,tensor=2"))
     check_model_fits(model, mesh)
     shardings = state_shardings(state, mesh)
     assert _params_by_name(shardings.params)["encoder/layers/0/self_attention/w_v"].spec == P(None, "tensor", None)
     assert _params_by_name(shardings.params)["encoder/layers/0/self_attention/w_o"].spec == P("tensor", None, None)
-    step, _ = compile_mesh_steps(graphdef, tx, translation_objective(TRAIN.label_smoothing, model.pad_id), TRAIN, shardings, batch_sharding(mesh), replicated(mesh))
+    step, _ = compile_mesh_steps(graphdef, tx, OBJECTIVE, TRAIN, shardings, batch_sharding(mesh), replicated(mesh))
     sharded, losses = _run(step, place(state, shardings), batches, lambda b: place(b, batch_sharding(mesh)))
     np.testing.assert_allclose(float(losses[0]), float(single_losses[0]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(jax.device_get(sharded.params)), jax.tree.leaves(jax.device_get(single.params))):
@@ -187,11 +188,11 @@ def test_gradient_accumulation_on_a_mesh_equals_it_on_one_device(reference):
     """Two micro-batches per update: the mesh step accumulates the sharded gradients as one device does."""
     train = dataclasses.replace(TRAIN, grad_accum_steps=2)
     graphdef, state, tx = create_train_state(MODEL, train)
-    single_step, _ = compile_steps(graphdef, tx, translation_objective(train.label_smoothing, MODEL.pad_id), train, 1)
+    single_step, _ = compile_steps(graphdef, tx, OBJECTIVE, train, 1)
     single, single_losses = _run(single_step, jax.tree.map(jnp.copy, state), reference["batches"])
     mesh = make_mesh(ParallelConfig(parallel="mesh", mesh="data=2,fsdp=2,tensor=2"))
     shardings = state_shardings(state, mesh)
-    step, _ = compile_mesh_steps(graphdef, tx, translation_objective(train.label_smoothing, MODEL.pad_id), train, shardings, batch_sharding(mesh), replicated(mesh))
+    step, _ = compile_mesh_steps(graphdef, tx, OBJECTIVE, train, shardings, batch_sharding(mesh), replicated(mesh))
     sharded, losses = _run(step, place(state, shardings), reference["batches"], lambda b: place(b, batch_sharding(mesh)))
     assert int(sharded.micro_step) == 2 and int(sharded.step) == 1  # two micro-batches, one update
     np.testing.assert_allclose([float(x) for x in losses], [float(x) for x in single_losses], rtol=1e-5)

@@ -9,9 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_mesh import MODEL, TRAIN, _batches, _run
+from test_mesh import MODEL, OBJECTIVE, TRAIN, _batches, _run
 from transformer.nn import pallas_attention as pallas
-from transformer.tasks.translate import translation_objective
 from transformer.parallel.mesh import ParallelConfig, check_model_fits, make_mesh
 from transformer.parallel.rules import batch_sharding, place, replicated, state_shardings
 from transformer.training import compile_mesh_steps, compile_steps, create_train_state
@@ -21,7 +20,7 @@ from transformer.training import compile_mesh_steps, compile_steps, create_train
 def test_pallas_mesh_step_equals_the_reference_single_device_step():
     batches = _batches(2)
     graphdef, state, tx = create_train_state(MODEL, TRAIN)  # attention_impl="reference"
-    single_step, _ = compile_steps(graphdef, tx, translation_objective(TRAIN.label_smoothing, MODEL.pad_id), TRAIN, 1)
+    single_step, _ = compile_steps(graphdef, tx, OBJECTIVE, TRAIN, 1)
     single, single_losses = _run(single_step, jax.tree.map(jnp.copy, state), batches)
 
     model = dataclasses.replace(MODEL, attention_impl="pallas")
@@ -31,7 +30,7 @@ def test_pallas_mesh_step_equals_the_reference_single_device_step():
     mesh = make_mesh(ParallelConfig(parallel="mesh", mesh="data=2,fsdp=2,tensor=2"))
     check_model_fits(model, mesh)
     shardings = state_shardings(pallas_state, mesh)
-    step, _ = compile_mesh_steps(pallas_graphdef, pallas_tx, translation_objective(TRAIN.label_smoothing, model.pad_id), TRAIN, shardings, batch_sharding(mesh),
+    step, _ = compile_mesh_steps(pallas_graphdef, pallas_tx, OBJECTIVE, TRAIN, shardings, batch_sharding(mesh),
                                  replicated(mesh))
     placed = place(pallas_state, shardings)
     batch = place(batches[0], batch_sharding(mesh))

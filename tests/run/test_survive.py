@@ -151,6 +151,16 @@ def test_resume_refuses_changed_settings_and_names_them(tmp_path, capsys):
     assert check_resume(str(tmp_path), *_configs("--vocab_size", "40", *FAST, "--lr_scale", "0.5"))
     assert capsys.readouterr().err == (f"note: resuming {str(tmp_path)!r} with a changed learning-rate schedule "
                                        "(--lr_scale 2.0 -> 0.5)\n")
+    # Under the linear schedule the step count is where the decay ends: allowed, with a note.
+    model, linear, task = _configs("--vocab_size", "40", *FAST, "--schedule", "linear", "--learning_rate", "1e-3")
+    (tmp_path / "linear").mkdir()
+    write_config_json(str(tmp_path / "linear"), model, linear, task, requested_vocab_size=40)
+    longer = dataclasses.replace(linear, num_train_steps=linear.num_train_steps + 5)
+    assert check_resume(str(tmp_path / "linear"), model, longer, task)
+    assert capsys.readouterr().err == (
+        f"note: resuming {str(tmp_path / 'linear')!r} with a changed learning-rate schedule (--num_train_steps "
+        f"{linear.num_train_steps} -> {longer.num_train_steps}: the linear decay now reaches 0 at step "
+        f"{longer.num_train_steps})\n")
     # Refused: the tokenizer's size (the old spm.model would be reused), data, batching, seed, the model.
     with pytest.raises(UserError) as refused:
         check_resume(str(tmp_path), *_configs("--vocab_size", "60", *FAST, "--seed", "3", "--batch_tokens", "512",

@@ -70,7 +70,8 @@ class WorkdirLock:
 # TrainConfig fields a resumed run may change. Everything else (data, batching, optimizer, seed,
 # random-number generator, label smoothing, accumulation) must stay, or the run would silently become
 # a different one. lr_scale and warmup_steps are the remedy after a NaN, so they may change, with a note.
-# init_from only matters at a run's start: a resumed run never reloads it.
+# init_from only matters at a run's start: a resumed run never reloads it. num_train_steps shapes the
+# "linear" schedule (its decay ends there), so changing it under that schedule gets the note too.
 RESUME_MAY_CHANGE = ("num_train_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
                      "keep_checkpoints", "eval_split", "test_split", "tfds_data_dir", "init_from")
 RESUME_MAY_CHANGE_WITH_NOTE = ("lr_scale", "warmup_steps")
@@ -149,6 +150,8 @@ def check_resume(workdir: str, model_config: TransformerConfig, train_config: Tr
         new = getattr(train_config, field)
         if new != old and field not in RESUME_MAY_CHANGE:
             (noted if field in RESUME_MAY_CHANGE_WITH_NOTE else differ).append(f"--{field} {old} -> {new}")
+        elif new != old and field == "num_train_steps" and train_config.schedule == "linear":
+            noted.append(f"--num_train_steps {old} -> {new}: the linear decay now reaches 0 at step {new}")
     for field, old in dataclasses.asdict(saved_task.config).items():
         new = getattr(task.config, field)
         if new != old and field not in task.RESUME_MAY_CHANGE:
