@@ -20,7 +20,7 @@ from flax import nnx
 from jax.experimental import io_callback
 from jaxtyping import Array, Float, Int
 
-from transformer.nn.layers import LayerCache
+from transformer.nn.layers import LayerCache, cache_slots
 from transformer.nn.masks import real_positions
 
 NEG_INF = -1e9  # a finite "impossible" score, so that arithmetic on it never makes NaNs
@@ -79,10 +79,10 @@ def _cache_blocks(first: int, max_len: int, block: int | None) -> list[int]:
 
 
 def _grow_cache(cache: list[LayerCache], length: int) -> list[LayerCache]:
-    """The self-attention keys/values ([rows, slots, h, d]) with empty slots appended up to `length`;
+    """The self-attention keys/values ([rows, h, slots, d]) with empty slots appended up to `length`;
     the encoder-decoder keys/values, which do not grow, as they are."""
     def grow(name, a):
-        return a if name.startswith("cross") else jnp.pad(a, ((0, 0), (0, length - a.shape[1]), (0, 0), (0, 0)))
+        return a if name.startswith("cross") else jnp.pad(a, ((0, 0), (0, 0), (0, length - a.shape[2]), (0, 0)))
 
     return [{name: grow(name, a) for name, a in layer.items()} for layer in cache]
 
@@ -198,9 +198,9 @@ class BeamState:
     live_log_probs: jax.Array  # [b, k] float32: log P(hypothesis); <= NEG_INF / 2 for none
     finished_seqs: jax.Array  # [b, k, L + 1] int32: ended hypotheses (end token, then padding), best first
     finished_scores: jax.Array  # [b, k] float32: log P / lp(length); NEG_INF for an empty slot
-    carried: Any  # (None, the decoder's cache: self-attention keys/values per live beam [b·k, C, h, d] for the
+    carried: Any  # (None, the decoder's cache: self-attention keys/values per live beam [b·k, h, C, d] for the
     #              C <= L slots of the current block (`_cache_blocks`),
-    #              encoder-decoder keys/values once per source [b, s, h, d]); without the cache,
+    #              encoder-decoder keys/values once per source [b, h, s, d]); without the cache,
     #              (the encoder output per beam [b·k, s, m], None)
 
 
@@ -379,7 +379,7 @@ def _generate(graphdef, params, prompt, key, max_new_tokens: int, temperature, t
             io_callback(lambda t: on_token(np.asarray(t)), None, token, ordered=True)
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
         finished = finished | (token == eos_id)
-        logits, cache = model.decode_step(token[:, None], cache, p + i, key_valid=key_valid[:, : cache[0]["k"].shape[1]],
+        logits, cache = model.decode_step(token[:, None], cache, p + i, key_valid=key_valid[:, : cache_slots(cache)],
                                           positions=(n + i)[:, None])
         return i + 1, out, logits[:, 0], finished, cache
 

@@ -28,7 +28,7 @@ from jaxtyping import Array, Float, Int
 
 from transformer.config import TransformerConfig
 from transformer.nn.embeddings import InputEmbedding, PreSoftmaxProjection, TokenEmbedding
-from transformer.nn.layers import Decoder, Encoder, LayerCache
+from transformer.nn.layers import Decoder, Encoder, LayerCache, cache_slots
 from transformer.nn.partitioning import CLASSES, EMBED, annotate
 from transformer.nn.masks import (
     attention_masks, causal_mask, cross_attention_mask, real_positions, self_attention_mask,
@@ -171,7 +171,7 @@ class Transformer(nnx.Module):
         share the source's encoder-decoder keys/values, which the cache holds once. Source pads
         are hidden wherever they are (as per-row lengths where `right_padded` promises right
         padding)."""
-        max_len = cache[0]["k"].shape[1]
+        max_len = cache_slots(cache)
         positions = jnp.broadcast_to(index + jnp.arange(tgt_tokens.shape[1]), tgt_tokens.shape)
         # Dense masks: a cached step's causality is offset by `index`, which is_causal cannot say
         # (attention_impl="auto" sends dense masks to XLA; one query per row is memory-bound anyway).
@@ -254,7 +254,7 @@ class TransformerLM(_TokenLogitsModel):
         """Logits for t new tokens written at cache slots index … index+t-1 (t > 1 prefills a prompt in
         one pass). `key_valid` [b, max_len] (optional) hides cache slots that hold padding, and
         `positions` (default: the slots) gives the positional-encoding positions, for left-padded prompts."""
-        max_len = cache[0]["k"].shape[1]
+        max_len = cache_slots(cache)
         if positions is None:
             positions = jnp.broadcast_to(index + jnp.arange(tokens.shape[1]), tokens.shape)
         mask = causal_mask(tokens.shape[1], max_len, offset=index)

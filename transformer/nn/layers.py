@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from transformer.nn.attention import MultiHeadAttention
+from transformer.nn.attention import MultiHeadAttention, heads_major
 from transformer.config import TransformerConfig
 from transformer.nn.dropout import Dropout
 from transformer.nn.feed_forward import PositionwiseFeedForward
@@ -21,11 +21,17 @@ from transformer.nn.partitioning import BATCH, EMBED, annotate, constrain
 Mask = AttentionMask | Bool[Array, "b #h q k"]
 
 # Incremental decoding state of one decoder layer: self-attention keys/values written so far
-# ("k": [rows, max_len, h, d_k], "v": [rows, max_len, h, d_v]) and, for encoder-decoder layers,
+# ("k": [rows, h, slots, d_k], "v": [rows, h, slots, d_v]) and, for encoder-decoder layers,
 # the keys/values of the encoder output computed once per source ("cross_k", "cross_v":
-# [sources, src_len, h, d_k or d_v]); rows = sources, or sources · k for beam search's k
-# hypotheses per source, which share their source's encoder-decoder keys/values.
+# [sources, h, src_len, d_k or d_v]); rows = sources, or sources · k for beam search's k
+# hypotheses per source, which share their source's encoder-decoder keys/values. Heads-major, the
+# layout in which attention reads them without copying (`attention.cached_attention`).
 LayerCache = dict[str, jax.Array]
+
+
+def cache_slots(cache: list[LayerCache]) -> int:
+    """The number of target positions the self-attention cache holds."""
+    return cache[0]["k"].shape[2]
 
 
 class ResidualSublayer(nnx.Module):
@@ -114,7 +120,7 @@ class DecoderLayer(nnx.Module):
         """Without `cache`: the full (training) pass over t positions.
 
         With `cache`: the t new positions start at `cache_index`; their keys/values are written into
-        the cache, attention runs over all max_len cached positions (`self_mask` covers [t, max_len]),
+        the cache, attention runs over all its slots (`self_mask` covers [t, slots]),
         and the encoder-decoder keys/values are read from the cache instead of `memory`. The cache's
         encoder-decoder keys/values may have fewer rows than x, one per source for `x.shape[0] //
         rows` adjacent rows of x (beam search's hypotheses of one source).
@@ -126,11 +132,12 @@ class DecoderLayer(nnx.Module):
         def self_attention(y):
             q = self.self_attention.project_query(y)
             k, v = self.self_attention.project_key_value(y)
-            if new_cache is not None:
-                start = (0, cache_index, 0, 0)
-                k = new_cache["k"] = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-                v = new_cache["v"] = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            return self.self_attention.attend(q, k, v, self_mask, **run)
+            if new_cache is None:
+                return self.self_attention.attend(q, k, v, self_mask, **run)
+            for name, new in (("k", k), ("v", v)):  # at slots cache_index … cache_index + t - 1
+                new_cache[name] = jax.lax.dynamic_update_slice(
+                    cache[name], heads_major(new).astype(cache[name].dtype), (0, 0, cache_index, 0))
+            return self.self_attention.attend_cached(q, new_cache["k"], new_cache["v"], self_mask)
 
         def cross_attention(y):
             q = self.cross_attention.project_query(y)
@@ -143,7 +150,7 @@ class DecoderLayer(nnx.Module):
             # to that source together, as one row [b, beams·t] (cross_mask is per source, [b, 1, 1, s]).
             beams = q.shape[0] // k.shape[0]
             stacked = q.reshape(k.shape[0], beams * q.shape[1], *q.shape[2:])
-            out = self.cross_attention.attend(stacked, k, v, cross_mask, **run)
+            out = self.cross_attention.attend_cached(stacked, k, v, cross_mask)
             return out.reshape(q.shape[0], q.shape[1], out.shape[-1])
 
         x = self.self_attention_residual(x, self_attention, **run)
@@ -152,13 +159,14 @@ class DecoderLayer(nnx.Module):
         return self.feed_forward_residual(x, self.feed_forward, **run), new_cache
 
     def init_cache(self, batch: int, max_len: int, memory: Float[Array, "b s m"] | None, dtype) -> LayerCache:
-        """An empty self-attention cache of max_len positions, and the encoder-decoder keys/values."""
+        """An empty self-attention cache of max_len positions, and the encoder-decoder keys/values
+        (both heads-major: `LayerCache`)."""
         config = self.self_attention.config
         d_k, d_v = config.head_sizes
-        cache = {"k": jnp.zeros((batch, max_len, config.h, d_k), dtype),
-                 "v": jnp.zeros((batch, max_len, config.h, d_v), dtype)}
+        cache = {"k": jnp.zeros((batch, config.h, max_len, d_k), dtype),
+                 "v": jnp.zeros((batch, config.h, max_len, d_v), dtype)}
         if self.cross_attention is not None:
-            cache["cross_k"], cache["cross_v"] = self.cross_attention.project_key_value(memory)
+            cache["cross_k"], cache["cross_v"] = map(heads_major, self.cross_attention.project_key_value(memory))
         return cache
 
 
