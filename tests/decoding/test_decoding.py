@@ -74,7 +74,7 @@ def test_beam_of_one_scores_at_least_greedy(model):
 
 def test_beams_share_the_encoder_keys_and_values_of_their_source(model):
     cache = model.init_cache(model.encode(SRC), max_len=9, beams=3)
-    assert cache[0]["k"].shape[0] == 2 * 3 and cache[0]["cross_k"].shape[0] == 2
+    assert cache[0]["k"].shape[:3] == (2, CONFIG.h, 9 * 3) and cache[0]["cross_k"].shape[0] == 2
     # Three hypotheses per source step through the cache as rows of their own (of one source adjacent),
     # each as it would alone.
     tgt = jnp.array([[BOS_ID], [BOS_ID], [BOS_ID], [BOS_ID], [BOS_ID], [BOS_ID]], jnp.int32)
