@@ -68,8 +68,7 @@ def _cache_blocks(first: int, max_len: int, block: int | None) -> list[int]:
     max_len (one length, max_len, for block None).
 
     Step j writes cache slot j and attends to slots 0 … j, so a step runs in the first block whose
-    length exceeds j, and attention and the beams' cache reorder cover that block's slots rather
-    than all max_len: on average about half of them fewer, less the (block - 1) / 2 empty slots of
+    length exceeds j, and its self-attention covers that block's slots rather than all max_len: on average about half of them fewer, less the (block - 1) / 2 empty slots of
     the last block. Each length is a loop of its own in the compiled program (static shapes, as XLA
     needs on every backend), so a smaller block attends to fewer empty slots but compiles more
     loops: 16 keeps a 74-slot search (a 24-token source + 50) at 5 loops."""
@@ -305,10 +304,11 @@ def beam_search(
     k live hypotheses and a separate set of the k best finished ones per input (`BeamState`); an
     input stops once no live hypothesis can beat its k-th finished one under the length penalty
     (and at its length limit), the loop once every input has stopped. The encoder runs once per
-    input, and with the cache its beams share the encoder-decoder keys/values. With the cache, the
-    loop runs in blocks of `cache_block` steps whose self-attention, and the copy of each new beam's
-    keys/values from its parent, cover the cache slots filled by the end of the block, not all
-    s + max_extra (`_cache_blocks`; None: one loop over the whole cache); the outputs are the same.
+    input, and with the cache its beams share the encoder-decoder keys/values, and one
+    self-attention cache that is never reordered (`BeamState.ancestors`). With the cache, the loop
+    runs in blocks of `cache_block` steps whose self-attention covers the cache slots filled by the
+    end of the block, not all s + max_extra (`_cache_blocks`; None: one loop over the whole cache);
+    the outputs are the same.
     s + max_extra must not exceed model.config.max_len (ValueError otherwise: `check_decode_length`)."""
     src = jnp.asarray(src, jnp.int32)
     check_decode_length(model.config, src.shape[-1], max_extra)
