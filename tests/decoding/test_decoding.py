@@ -74,7 +74,7 @@ def test_beam_of_one_scores_at_least_greedy(model):
 
 def test_beams_share_the_encoder_keys_and_values_of_their_source(model):
     cache = model.init_cache(model.encode(SRC), max_len=9, beams=3)
-    assert cache[0]["k"].shape[0] == 2 * 3 and cache[0]["cross_k"].shape[0] == 2
+    assert cache[0]["k"].shape[:3] == (2, CONFIG.h, 9 * 3) and cache[0]["cross_k"].shape[0] == 2
     # Three hypotheses per source step through the cache as rows of their own (of one source adjacent),
     # each as it would alone.
     tgt = jnp.array([[BOS_ID], [BOS_ID], [BOS_ID], [BOS_ID], [BOS_ID], [BOS_ID]], jnp.int32)
@@ -147,6 +147,43 @@ def test_decoding_without_the_cache_gives_the_same_outputs(model):
     beams_nc, scores_nc = beam_search(model, SRC, 3, 0.6, 4, use_cache=False, **IDS)
     np.testing.assert_array_equal(np.asarray(beams_nc), np.asarray(beams))
     np.testing.assert_allclose(np.asarray(scores_nc), np.asarray(scores), atol=1e-4)
+
+
+# Every size different (vocabulary 13, d_model 20, d_ff 28, h 2 with d_k 10, N 3), an output
+# embedding of its own; seed 2 ends rows at different steps, seed 3 runs them to their limits.
+BLOCKS_CONFIG = TransformerConfig.tiny(vocab_size=13, d_model=20, d_ff=28, h=2, N=3, dropout_rate=0.0,
+                                       share_embeddings=False)
+BLOCKS_SRC = jnp.array([[5, 6, 7, 8, 9, 10, EOS_ID], [11, 4, 12, EOS_ID, PAD_ID, PAD_ID, PAD_ID],
+                        [6, EOS_ID] + [PAD_ID] * 5], jnp.int32)
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_decoding_in_cache_blocks_equals_one_loop_over_the_whole_cache(seed):
+    # 7 + 9 = 16 decoder positions: blocks of 4 attend over 4, 8, 12, 16 slots; blocks of 5 over
+    # 5, 10, 15, then 16 (a block of one step). None is one loop over all 16, as before blocks.
+    model = Transformer(BLOCKS_CONFIG, rngs=nnx.Rngs(seed))
+    E = model.tgt_embed.token_embedding.embedding
+    E[...] = E[...] * 3.0  # sharper choices, so that hypotheses differ
+    greedy, log_prob = greedy_decode(model, BLOCKS_SRC, 9, cache_block=None, **IDS)
+    beams, scores = beam_search(model, BLOCKS_SRC, 3, 0.6, 9, cache_block=None, **IDS)
+    for block in (4, 5):
+        greedy_b, log_prob_b = greedy_decode(model, BLOCKS_SRC, 9, cache_block=block, **IDS)
+        np.testing.assert_array_equal(np.asarray(greedy_b), np.asarray(greedy))
+        np.testing.assert_allclose(np.asarray(log_prob_b), np.asarray(log_prob), atol=1e-5)
+        beams_b, scores_b = beam_search(model, BLOCKS_SRC, 3, 0.6, 9, cache_block=block, **IDS)
+        np.testing.assert_array_equal(np.asarray(beams_b), np.asarray(beams))
+        np.testing.assert_allclose(np.asarray(scores_b), np.asarray(scores), atol=1e-5)
+
+
+def test_cache_blocks_cover_the_written_slots():
+    from transformer.decoding.search import _cache_blocks
+
+    assert _cache_blocks(0, 74, 16) == [16, 32, 48, 64, 74]
+    assert _cache_blocks(0, 16, 4) == [4, 8, 12, 16]
+    assert _cache_blocks(8, 17, 4) == [12, 16, 17]  # a prompt of 8 slots: the first new token goes to slot 8
+    assert _cache_blocks(0, 16, 16) == _cache_blocks(0, 16, 40) == _cache_blocks(0, 16, None) == [16]
+    with pytest.raises(ValueError, match="cache_block must be a positive integer"):
+        greedy_decode(Transformer(CONFIG, rngs=nnx.Rngs(0)), SRC, 3, cache_block=0, **IDS)
 
 
 @pytest.mark.parametrize("encoding", ["learned", "sinusoidal"])

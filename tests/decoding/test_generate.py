@@ -65,6 +65,18 @@ def test_cached_generation_equals_full_argmax_and_each_prompt_alone(lm):
         np.testing.assert_array_equal(out[i], alone)
 
 
+def test_generation_in_cache_blocks_equals_one_loop_over_the_whole_cache(lm):
+    # 6 prompt slots + 5 new ones: blocks of 4 run at 8 and then 11 cache slots, blocks of 2 at 8,
+    # 10, 11 (the first block holds the prompt); greedy and sampled, prompts padded anywhere.
+    def run(block, sampled):
+        sampling = dict(temperature=1.0, top_p=0.9, rngs=nnx.Rngs(sample=7)) if sampled else {}
+        return np.asarray(generate(lm, PROMPTS, NEW, cache_block=block, **sampling, **IDS))
+
+    for sampled in (False, True):
+        for block in (2, 4):
+            np.testing.assert_array_equal(run(block, sampled), run(None, sampled))
+
+
 def test_sampling_with_a_seed_is_deterministic(lm):
     first = generate(lm, PROMPTS, NEW, temperature=1.0, top_p=0.9, rngs=nnx.Rngs(sample=7), **IDS)
     again = generate(lm, PROMPTS, NEW, temperature=1.0, top_p=0.9, rngs=nnx.Rngs(sample=7), **IDS)

@@ -2,13 +2,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer import AttentionMask, attention_masks, causal_mask, padding_mask
-from transformer.nn.masks import real_lengths
+from transformer.nn.masks import ancestry_causal_mask, real_lengths
 
 
 def test_causal_mask_with_offset_for_cached_decoding():
     m = np.asarray(causal_mask(2, 5, offset=2))[0, 0]
     np.testing.assert_array_equal(m, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
     np.testing.assert_array_equal(np.asarray(causal_mask(3))[0, 0], np.tril(np.ones((3, 3))))
+
+
+def test_ancestry_mask_shows_each_beam_its_own_prefix_in_a_shared_cache():
+    # One source, 2 beams, 4 slots, at step 2: beam 0's prefix was written by beam 1 at slot 0 and
+    # by beam 0 at slots 1 and 2; beam 1's by beam 1 throughout. Keys: slot j of beam s at 2j + s.
+    ancestors = jnp.array([[[1, 0, 0, 0], [1, 1, 1, 0]]])
+    m = np.asarray(ancestry_causal_mask(ancestors, 2))
+    assert m.shape == (1, 1, 2, 8)
+    np.testing.assert_array_equal(m[0, 0], [[0, 1, 1, 0, 1, 0, 0, 0], [0, 1, 0, 1, 0, 1, 0, 0]])
 
 
 def test_padding_mask_hides_pad_keys_with_configurable_pad_id():

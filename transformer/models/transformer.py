@@ -28,10 +28,10 @@ from jaxtyping import Array, Float, Int
 
 from transformer.config import TransformerConfig
 from transformer.nn.embeddings import InputEmbedding, PreSoftmaxProjection, TokenEmbedding
-from transformer.nn.layers import Decoder, Encoder, LayerCache
+from transformer.nn.layers import Decoder, Encoder, LayerCache, cache_slots
 from transformer.nn.partitioning import CLASSES, EMBED, annotate
 from transformer.nn.masks import (
-    attention_masks, causal_mask, cross_attention_mask, real_positions, self_attention_mask,
+    ancestry_causal_mask, attention_masks, causal_mask, cross_attention_mask, real_positions, self_attention_mask,
 )
 
 
@@ -152,9 +152,9 @@ class Transformer(nnx.Module):
 
     def init_cache(self, memory: Float[Array, "b s m"], max_len: int, beams: int = 1) -> list[LayerCache]:
         """Per-layer caches for incremental decoding of up to max_len target positions, for `beams`
-        hypotheses per source: self-attention keys/values of b·beams rows, the encoder-decoder
+        hypotheses per source: self-attention keys/values of b sources · beams, the encoder-decoder
         keys/values once per source (b rows)."""
-        return self.decoder.init_cache(memory.shape[0] * beams, max_len, memory, self.config.compute_dtype)
+        return self.decoder.init_cache(memory.shape[0], max_len, memory, self.config.compute_dtype, beams)
 
     def decode_step(
         self,
@@ -164,18 +164,27 @@ class Transformer(nnx.Module):
         index: jax.Array | int,
         *,
         right_padded: bool = False,
+        ancestors: Int[Array, "b k slots"] | None = None,
     ) -> tuple[Float[Array, "bk t v"], list[LayerCache]]:
         """Logits for t new target tokens at positions index … index+t-1, from and into the cache
         (the encoder output is already in the cache as the encoder-decoder keys/values). The target
         may have k rows per source (beam search's hypotheses, those of one source adjacent): they
-        share the source's encoder-decoder keys/values, which the cache holds once. Source pads
+        share the source's encoder-decoder keys/values, which the cache holds once, and each reads
+        the self-attention slots of beam `ancestors[b, r, j]` at slot j (t = 1; default: its own), so
+        that beam search need not copy keys/values from parents to children. Source pads
         are hidden wherever they are (as per-row lengths where `right_padded` promises right
         padding)."""
-        max_len = cache[0]["k"].shape[1]
+        beams = tgt_tokens.shape[0] // src_tokens.shape[0]
+        max_len = cache_slots(cache, beams)
         positions = jnp.broadcast_to(index + jnp.arange(tgt_tokens.shape[1]), tgt_tokens.shape)
         # Dense masks: a cached step's causality is offset by `index`, which is_causal cannot say
         # (attention_impl="auto" sends dense masks to XLA; one query per row is memory-bound anyway).
-        self_mask = causal_mask(tgt_tokens.shape[1], max_len, offset=index)
+        if beams == 1:
+            self_mask = causal_mask(tgt_tokens.shape[1], max_len, offset=index)
+        else:
+            if ancestors is None:
+                ancestors = jnp.broadcast_to(jnp.arange(beams)[None, :, None], (src_tokens.shape[0], beams, max_len))
+            self_mask = ancestry_causal_mask(ancestors, index)
         # Per source: [b] lengths or a [b, 1, 1, s] key mask.
         cross_mask = cross_attention_mask(src_tokens, self.config.pad_id, right_padded=right_padded)
         y = self.tgt_embed(tgt_tokens, positions)
@@ -254,7 +263,7 @@ class TransformerLM(_TokenLogitsModel):
         """Logits for t new tokens written at cache slots index … index+t-1 (t > 1 prefills a prompt in
         one pass). `key_valid` [b, max_len] (optional) hides cache slots that hold padding, and
         `positions` (default: the slots) gives the positional-encoding positions, for left-padded prompts."""
-        max_len = cache[0]["k"].shape[1]
+        max_len = cache_slots(cache)
         if positions is None:
             positions = jnp.broadcast_to(index + jnp.arange(tokens.shape[1]), tokens.shape)
         mask = causal_mask(tokens.shape[1], max_len, offset=index)

@@ -58,6 +58,32 @@ def scaled_dot_product_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+def heads_major(x: Float[Array, "b l h d"]) -> Float[Array, "b h l d"]:
+    """Keys or values in the layout of the decoding cache (`cached_attention`)."""
+    return x.transpose(0, 2, 1, 3)
+
+
+def cached_attention(
+    q: Float[Array, "b q h dk"],
+    k: Float[Array, "b h k dk"],
+    v: Float[Array, "b h k dv"],
+    mask: Bool[Array, "#b #h q k"] | None = None,
+) -> Float[Array, "b q h dv"]:
+    """§3.2.1, the formula of `scaled_dot_product_attention` (scores and softmax in float32), for
+    keys and values stored heads-major, [b, h, k, d], as the decoding cache holds them.
+
+    Why that layout: with (b, h) leading both operands, each of the two matrix products reads the
+    keys and values where they lie; from [b, k, h, d] XLA first copies all of them into that order,
+    at every decoding step, which on a CPU took about five times as long as the attention itself
+    (128 rows, 74 slots, h 4, d 64: 5.2 ms against 0.9 ms). Only the few new queries are transposed."""
+    d_k = q.shape[-1]
+    scores = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(d_k)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bqhd", weights, v)
+
+
 IMPLEMENTATIONS = ("reference", "xla", "cudnn", "pallas")
 
 # cuDNN's flash attention (jax._src.cudnn.fused_attention_stablehlo.check_is_flash_attention): fp16/bf16
@@ -244,6 +270,27 @@ class MultiHeadAttention(nnx.Module):
             # computation whether or not the weights are recorded, whatever the implementation.
             weights = attention_weights(q, k, mask.to_dense(q.shape[1], k.shape[1]))
             self.attention_weights = nnx.Intermediate(weights)  # the newest call's
+        return self.combine_heads(heads)
+
+    def attend_cached(
+        self,
+        q: Float[Array, "b q h dk"],
+        k: Float[Array, "b h k dk"],
+        v: Float[Array, "b h k dv"],
+        mask: AttentionMask | Bool[Array, "b #h q k"] | None,
+    ) -> Float[Array, "b q m"]:
+        """`attend` over keys and values held heads-major by the decoding cache (`cached_attention`),
+        whatever `config.attention_impl` says: decoding steps take the formula itself (their offset
+        causal mask is dense, which the kernels would send to XLA's formula anyway). Deterministic:
+        decoding has no attention dropout."""
+        mask = as_attention_mask(mask).to_dense(q.shape[1], k.shape[2])
+        heads = cached_attention(q, k, v, mask)
+        if self.record_weights:
+            self.attention_weights = nnx.Intermediate(attention_weights(q, k.transpose(0, 2, 1, 3), mask))
+        return self.combine_heads(heads)
+
+    def combine_heads(self, heads: Float[Array, "b q h dv"]) -> Float[Array, "b q m"]:
+        """Concat(head_1, …, head_h)·W^O."""
         dtype = self.config.compute_dtype
         return jnp.einsum("bqhd,hdm->bqm", heads, self.w_o[...].astype(dtype))
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-from transformer.nn.attention import MultiHeadAttention
+from transformer.nn.attention import MultiHeadAttention, heads_major
 from transformer.config import TransformerConfig
 from transformer.nn.dropout import Dropout
 from transformer.nn.feed_forward import PositionwiseFeedForward
@@ -21,11 +21,20 @@ from transformer.nn.partitioning import BATCH, EMBED, annotate, constrain
 Mask = AttentionMask | Bool[Array, "b #h q k"]
 
 # Incremental decoding state of one decoder layer: self-attention keys/values written so far
-# ("k": [rows, max_len, h, d_k], "v": [rows, max_len, h, d_v]) and, for encoder-decoder layers,
-# the keys/values of the encoder output computed once per source ("cross_k", "cross_v":
-# [sources, src_len, h, d_k or d_v]); rows = sources, or sources · k for beam search's k
-# hypotheses per source, which share their source's encoder-decoder keys/values.
+# ("k": [sources, h, slots · beams, d_k], "v": [sources, h, slots · beams, d_v]; slot j of beam s at
+# j · beams + s, so that a step writes one block and attention reads them as they lie) and, for
+# encoder-decoder layers, the keys/values of the encoder output computed once per source
+# ("cross_k", "cross_v": [sources, h, src_len, d_k or d_v]). beams = 1, or beam search's k
+# hypotheses per source (rows of the decoder's input: sources · beams, those of one source
+# adjacent), which share their source's encoder-decoder keys/values and whose self-attention reads
+# all k hypotheses' slots through a mask (`masks.ancestry_causal_mask`). Heads-major, the layout in
+# which attention reads them without copying (`attention.cached_attention`).
 LayerCache = dict[str, jax.Array]
+
+
+def cache_slots(cache: list[LayerCache], beams: int = 1) -> int:
+    """The number of target positions the self-attention cache holds for each of `beams` beams."""
+    return cache[0]["k"].shape[2] // beams
 
 
 class ResidualSublayer(nnx.Module):
@@ -114,10 +123,12 @@ class DecoderLayer(nnx.Module):
         """Without `cache`: the full (training) pass over t positions.
 
         With `cache`: the t new positions start at `cache_index`; their keys/values are written into
-        the cache, attention runs over all max_len cached positions (`self_mask` covers [t, max_len]),
-        and the encoder-decoder keys/values are read from the cache instead of `memory`. The cache's
-        encoder-decoder keys/values may have fewer rows than x, one per source for `x.shape[0] //
-        rows` adjacent rows of x (beam search's hypotheses of one source).
+        the cache, and the encoder-decoder keys/values are read from the cache instead of `memory`.
+        The rows of x are the cache's sources · beams (the beams of one source adjacent): the beams'
+        queries of a source are stacked ([sources, beams·t]) and attend to all its cached slots of
+        all its beams (key order: slot, then beam), which `self_mask` [#sources, 1, beams·t,
+        slots·beams] narrows to each beam's own prefix; and to the source's encoder-decoder
+        keys/values (`cross_mask` is per source).
         Returns the output and the updated cache (None without one).
         """
         run = dict(deterministic=deterministic, rngs=rngs)
@@ -126,11 +137,18 @@ class DecoderLayer(nnx.Module):
         def self_attention(y):
             q = self.self_attention.project_query(y)
             k, v = self.self_attention.project_key_value(y)
-            if new_cache is not None:
-                start = (0, cache_index, 0, 0)
-                k = new_cache["k"] = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-                v = new_cache["v"] = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            return self.self_attention.attend(q, k, v, self_mask, **run)
+            if new_cache is None:
+                return self.self_attention.attend(q, k, v, self_mask, **run)
+            sources, t = cache["k"].shape[0], q.shape[1]
+            beams = q.shape[0] // sources
+            for name, new in (("k", k), ("v", v)):  # at slots cache_index … cache_index + t - 1
+                new = new.reshape(sources, beams, t, *new.shape[2:]).transpose(0, 3, 2, 1, 4)  # [b, h, t, beams, d]
+                new_cache[name] = jax.lax.dynamic_update_slice(
+                    cache[name], new.reshape(*new.shape[:2], t * beams, -1).astype(cache[name].dtype),
+                    (0, 0, cache_index * beams, 0))
+            stacked = q.reshape(sources, beams * t, *q.shape[2:])
+            out = self.self_attention.attend_cached(stacked, new_cache["k"], new_cache["v"], self_mask)
+            return out.reshape(q.shape[0], t, out.shape[-1])
 
         def cross_attention(y):
             q = self.cross_attention.project_query(y)
@@ -143,7 +161,7 @@ class DecoderLayer(nnx.Module):
             # to that source together, as one row [b, beams·t] (cross_mask is per source, [b, 1, 1, s]).
             beams = q.shape[0] // k.shape[0]
             stacked = q.reshape(k.shape[0], beams * q.shape[1], *q.shape[2:])
-            out = self.cross_attention.attend(stacked, k, v, cross_mask, **run)
+            out = self.cross_attention.attend_cached(stacked, k, v, cross_mask)
             return out.reshape(q.shape[0], q.shape[1], out.shape[-1])
 
         x = self.self_attention_residual(x, self_attention, **run)
@@ -151,14 +169,16 @@ class DecoderLayer(nnx.Module):
             x = self.cross_attention_residual(x, cross_attention, **run)
         return self.feed_forward_residual(x, self.feed_forward, **run), new_cache
 
-    def init_cache(self, batch: int, max_len: int, memory: Float[Array, "b s m"] | None, dtype) -> LayerCache:
-        """An empty self-attention cache of max_len positions, and the encoder-decoder keys/values."""
+    def init_cache(self, batch: int, max_len: int, memory: Float[Array, "b s m"] | None, dtype,
+                   beams: int = 1) -> LayerCache:
+        """An empty self-attention cache of max_len positions for `beams` hypotheses of each of
+        `batch` sources, and the encoder-decoder keys/values (both heads-major: `LayerCache`)."""
         config = self.self_attention.config
         d_k, d_v = config.head_sizes
-        cache = {"k": jnp.zeros((batch, max_len, config.h, d_k), dtype),
-                 "v": jnp.zeros((batch, max_len, config.h, d_v), dtype)}
+        cache = {"k": jnp.zeros((batch, config.h, max_len * beams, d_k), dtype),
+                 "v": jnp.zeros((batch, config.h, max_len * beams, d_v), dtype)}
         if self.cross_attention is not None:
-            cache["cross_k"], cache["cross_v"] = self.cross_attention.project_key_value(memory)
+            cache["cross_k"], cache["cross_v"] = map(heads_major, self.cross_attention.project_key_value(memory))
         return cache
 
 
@@ -213,8 +233,8 @@ class Decoder(nnx.Module):
             new_cache.append(layer_cache)
         return (x if self.final_norm is None else self.final_norm(x)), new_cache
 
-    def init_cache(self, batch: int, max_len: int, memory=None, dtype=jnp.float32) -> list[LayerCache]:
-        return [layer.init_cache(batch, max_len, memory, dtype) for layer in self.layers]
+    def init_cache(self, batch: int, max_len: int, memory=None, dtype=jnp.float32, beams: int = 1) -> list[LayerCache]:
+        return [layer.init_cache(batch, max_len, memory, dtype, beams) for layer in self.layers]
 
 
 def _final_norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm | None:

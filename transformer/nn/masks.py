@@ -49,6 +49,18 @@ def causal_mask(q_len: int, k_len: int | None = None, offset: int | jnp.ndarray 
     return (k_pos <= q_pos)[None, None]
 
 
+def ancestry_causal_mask(ancestors: Int[Array, "b k l"], offset: int | jnp.ndarray) -> Bool[Array, "b 1 k lk"]:
+    """§3.2.3 for k hypotheses of a source that share one self-attention cache of l slots, each slot
+    holding all k hypotheses' keys (key j · k + s: slot j of hypothesis s), as beam search keeps it
+    instead of copying each new hypothesis's keys from its parent: hypothesis r's query at position
+    `offset` may attend to slot j <= offset of hypothesis ancestors[b, r, j], the one whose keys at
+    j are those of r's own prefix."""
+    k, slots = ancestors.shape[1], ancestors.shape[2]
+    own = ancestors[..., None] == jnp.arange(k)[None, None, None, :]  # [b, k (query), l, k (key)]
+    visible = own & (jnp.arange(slots) <= offset)[None, None, :, None]
+    return visible.reshape(ancestors.shape[0], 1, k, slots * k)
+
+
 def segment_mask(q_segments: Int[Array, "b q"], k_segments: Int[Array, "b k"]) -> Bool[Array, "b 1 q k"]:
     """Packed rows: a query attends only to keys of its own example (segment id 0 is padding)."""
     same = q_segments[:, :, None] == k_segments[:, None, :]
