@@ -215,7 +215,7 @@ def test_head_sizes_apart_from_d_model_over_h_train_and_decode():
         assert g.shape == getattr(attention, name)[...].shape and np.isfinite(g).all() and np.abs(g).max() > 0
     full = np.asarray(logits)
     cache = model.init_cache(model.encode(src), max_len=8)
-    assert cache[0]["k"].shape == (2, 8, 3, 5) and cache[0]["v"].shape == (2, 8, 3, 7)
+    assert cache[0]["k"].shape == (2, 3, 8, 5) and cache[0]["v"].shape == (2, 3, 8, 7)  # [rows, h, slots, d]
     for i in range(tgt.shape[1]):
         step, cache = model.decode_step(tgt[:, i : i + 1], src, cache, i)
         np.testing.assert_allclose(np.asarray(step)[:, 0], full[:, i], atol=1e-4)
