@@ -32,7 +32,10 @@ def main() -> int:
     parser.add_argument("--max_extra", type=int, default=None, help="output length limit = input length + this (50)")
     parser.add_argument("--average_last", type=int, default=1, help="average the last K checkpoints (§6.1: 5 base, 20 big)")
     parser.add_argument("--step", type=int, default=None, help="use the checkpoint of this step (default: latest)")
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=64, help="sentences per batch, at most (default: 64)")
+    parser.add_argument("--batch_tokens", type=int, default=None,
+                        help="at most this many source tokens a batch, padding included, in a power of two of rows "
+                             "that --batch_size caps (default: --batch_size rows a batch)")
     parser.add_argument("--attention_impl", default=None, choices=["reference", "xla", "cudnn", "auto"],
                         help="how attention is computed (default: the run's, or 'auto' where this device cannot run it)")
     parser.add_argument("--plot_attention", default=None, metavar="FILE.png",
@@ -43,6 +46,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.average_last < 1 or args.batch_size < 1 or (args.beam_size is not None and args.beam_size < 1):
         raise UserError("--average_last, --batch_size and --beam_size must be positive")
+    if args.batch_tokens is not None and args.batch_tokens < 1:
+        raise UserError(f"--batch_tokens (source tokens per batch) must be positive, got {args.batch_tokens}")
     if args.alpha is not None and not 0 <= args.alpha < float("inf"):  # NaN fails too
         raise UserError(f"--alpha (the length penalty's exponent, §6.1) must be a number >= 0, got {args.alpha}")
     if args.max_extra is not None and args.max_extra < 0:
@@ -96,7 +101,7 @@ def main() -> int:
         beam_size=args.beam_size or decode_config.beam_size,
         alpha=decode_config.length_penalty if args.alpha is None else args.alpha,
         max_extra=decode_config.max_decode_extra if args.max_extra is None else args.max_extra,
-        batch_size=args.batch_size, progress=args.input != "-",
+        batch_size=args.batch_size, batch_tokens=args.batch_tokens, progress=args.input != "-",
     )
     for h in hypotheses:
         print(h)

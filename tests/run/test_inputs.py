@@ -128,6 +128,7 @@ def _main_of(script):
     ("translate.py", ["--alpha", "-1"], "--alpha (the length penalty's exponent, §6.1) must be a number >= 0, got -1.0"),
     ("translate.py", ["--alpha", "nan"], "must be a number >= 0, got nan"),
     ("translate.py", ["--max_extra", "-5"], "--max_extra (output length limit = input length + max_extra) must be >= 0"),
+    ("translate.py", ["--batch_tokens", "0"], "--batch_tokens (source tokens per batch) must be positive, got 0"),
     ("translate.py", ["--input", "{bad}"], "bad.txt line 2 is not valid UTF-8 (byte 0xff at byte 1 of the line)"),
     ("translate.py", ["--input", "{file}", "--reference", "{bad}"], "bad.txt line 2 is not valid UTF-8"),
     ("translate.py", ["--plot_attention", "{file}.jpg"], "file.jpg' must name a .png file"),
@@ -156,6 +157,7 @@ def test_bad_numbers_and_inputs_are_refused_before_the_run_is_read(tmp_path, mon
 
 @pytest.mark.parametrize("script, args, fragment", [
     ("translate.py", ["--max_extra", "-5"], "--max_extra (output length limit = input length + max_extra) must be >= 0"),
+    ("translate.py", ["--batch_tokens", "-1"], "--batch_tokens (source tokens per batch) must be positive, got -1"),
     ("average_checkpoints.py", ["--output", "{file}"], "is a file: give the name of a new folder"),
 ])
 def test_bad_numbers_and_outputs_end_in_one_line(tmp_path, script, args, fragment):

@@ -25,10 +25,74 @@ def encode_sources(tokenizer, texts, max_len: int) -> list[list[int]]:
     return encoded
 
 
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def plan_batches(lengths: Sequence[int], max_len: int, max_extra: int, batch_size: int = 64,
+                 batch_tokens: int | None = None) -> list[tuple[int, int, list[int], int]]:
+    """The batches `translate_batches` decodes sentences of these token lengths (end token
+    included, at most max_len) in: (padded length, max_extra, members, rows) each, members being
+    indices into `lengths`, shortest sentences first, each sentence in exactly one batch, and rows
+    the batch's row count (its members, then empty rows).
+
+    A row whose limit (length + max_extra) fits in max_len is padded to its length rounded up to a
+    multiple of BUCKET_STEP, or to max_len - max_extra where that is less; a row whose limit max_len
+    cuts shares a batch only with rows of its own length, unpadded, decoded with max_extra =
+    max_len - length. Without batch_tokens, a batch holds the next batch_size sentences by length
+    (padded to its longest's length) in batch_size rows. With batch_tokens, a batch holds sentences
+    of one padded length only, in rows = the largest power of two with rows x length <=
+    batch_tokens (1 where even one row is longer), at most batch_size, and at most the power of two
+    at or above that length's count of sentences (no batch of empty rows for a few short
+    sentences). Powers of two, because each batch shape compiles the decoder anew: one call has at
+    most one shape per padded length, and calls together only the powers of two up to batch_size
+    (and batch_size) as row counts of each."""
+    from transformer.data import BUCKET_STEP
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_tokens is not None and batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+    if max_extra < 0:
+        raise ValueError(f"max_extra must be >= 0, got {max_extra}")
+    # The decoders give every row of a batch the same max_extra and stop each row at its own length +
+    # max_extra, over src.shape[1] + max_extra decoder positions. Rows whose limit fits in max_len
+    # (length <= fits) are padded to at most `fits`, so that no row's limit is ever lowered for the
+    # batch; a row whose limit max_len cuts shares a batch only with rows of its own length, padded to
+    # exactly that length and decoded with max_extra = max_len - length.
+    fits = max_len - max_extra
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    # Sentences of one batch: all those whose limit fits together (None), or one length that max_len
+    # cuts; with batch_tokens, one padded length of those that fit too (rows depend on the length).
+    groups: dict[tuple[int | None, int], list[int]] = {}
+    for i in order:
+        n = lengths[i]
+        if n > fits:
+            key = (n, n)
+        else:
+            key = (None, 0 if batch_tokens is None else min(-(-n // BUCKET_STEP) * BUCKET_STEP, fits))
+        groups.setdefault(key, []).append(i)
+    batches = []
+    for (cut, padded), members in groups.items():
+        rows = batch_size
+        if batch_tokens is not None:
+            rows = min(batch_size, _power_of_two_at_most(max(1, batch_tokens // padded)),
+                       1 << (len(members) - 1).bit_length())
+        for start in range(0, len(members), rows):
+            batch = members[start : start + rows]
+            if cut is not None:
+                batches.append((cut, max_len - cut, batch, rows))
+            else:
+                length = min(-(-lengths[batch[-1]] // BUCKET_STEP) * BUCKET_STEP, fits)
+                batches.append((length, max_extra, batch, rows))
+    return batches
+
+
 def translate_batches(model, tokenizer, texts, beam_size: int = 4, alpha: float = 0.6, max_extra: int = 50,
-                      batch_size: int = 64, progress: bool = False) -> list[str]:
-    """Translate raw sentences: tokenise, sort by length (less padding), decode in batches of fixed
-    shape (rows padded to batch_size, lengths to multiples of 8, so few compilations), detokenise,
+                      batch_size: int = 64, progress: bool = False, batch_tokens: int | None = None) -> list[str]:
+    """Translate raw sentences: tokenise, sort by length (less padding), decode in batches of few
+    shapes (`plan_batches`: batch_size rows, or with batch_tokens as many rows of one padded length
+    as fit that many source tokens, a power of two; lengths padded to multiples of 8), detokenise,
     and return the translations in input order.
 
     A sentence's translation depends on that sentence alone, never on the others of its batch: its
@@ -36,38 +100,15 @@ def translate_batches(model, tokenizer, texts, beam_size: int = 4, alpha: float 
     longest sequence the model takes). A sentence longer than max_len - 1 tokens (the end token
     makes max_len) is cut to that, with a warning on standard error naming its line (1 = texts[0]).
     """
-    import numpy as np
     from tqdm import tqdm
 
-    from transformer.data import BUCKET_STEP
-
-    if max_extra < 0:
-        raise ValueError(f"max_extra must be >= 0, got {max_extra}")
     max_len = model.config.max_len
     texts = list(texts)
     encoded = encode_sources(tokenizer, texts, max_len)
-    # The decoders give every row of a batch the same max_extra and stop each row at its own length +
-    # max_extra, over src.shape[1] + max_extra decoder positions. Rows whose limit fits in max_len
-    # (length <= fits) are padded to at most `fits`, so that no row's limit is ever lowered for the
-    # batch; a row whose limit max_len cuts shares a batch only with rows of its own length, padded to
-    # exactly that length and decoded with max_extra = max_len - length.
-    fits = max_len - max_extra
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-    groups: dict[int | None, list[int]] = {}  # None: limits that fit; n: rows of length n that max_len cuts
-    for i in order:
-        groups.setdefault(None if len(encoded[i]) <= fits else len(encoded[i]), []).append(i)
-    batches = []  # (padded length, max_extra, members)
-    for key, rows in groups.items():
-        for start in range(0, len(rows), batch_size):
-            members = rows[start : start + batch_size]
-            if key is None:
-                length = min(-(-len(encoded[members[-1]]) // BUCKET_STEP) * BUCKET_STEP, fits)
-                batches.append((length, max_extra, members))
-            else:
-                batches.append((key, max_len - key, members))
+    batches = plan_batches([len(ids) for ids in encoded], max_len, max_extra, batch_size, batch_tokens)
     out: list[str] = [""] * len(texts)
-    for length, extra, members in tqdm(batches, desc="translate", unit="batch", disable=not progress):
-        src = np.full((batch_size, length), model.config.pad_id, np.int32)
+    for length, extra, members, rows in tqdm(batches, desc="translate", unit="batch", disable=not progress):
+        src = np.full((rows, length), model.config.pad_id, np.int32)
         for row, i in enumerate(members):
             src[row, : len(encoded[i])] = encoded[i]
         src[len(members):, 0] = tokenizer.eos_id  # padding rows: an empty sentence
