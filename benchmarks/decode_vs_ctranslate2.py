@@ -4,10 +4,11 @@ same weights, the same sentences and the same batches, side by side in one run. 
 table and JSON.
 
     python benchmarks/decode_vs_ctranslate2.py --workdir runs/X --input ../shared/data/multi30k/de.test.txt \
-        [--batch_size 32] [--methods greedy beam4] [--repeats 2] [--out FILE]
+        [--batch_size 32] [--batch_tokens N] [--methods greedy beam4] [--repeats 2] [--out FILE]
 
 The run is exported with `export.py`'s code (float32) into a temporary folder. Both engines get the
-sentences sorted by length and cut into the same batches of --batch_size; each engine's time is the
+batches translate.py would decode (`decoding.text.plan_batches`: sorted by length, --batch_size
+sentences or --batch_tokens source tokens each); each engine's time is the
 best of --repeats passes over all of them after one warm-up pass (this library compiles there).
 Outputs are compared token for token; for beam search, where the two rank hypotheses differently
 (§6.1's ((5+|Y|)/6)^α against CTranslate2's |Y|^penalty), each differing sentence's two outputs are
@@ -30,12 +31,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 METHODS = {"greedy": 1, "beam4": 4}
-
-
-def _batches(encoded: list[list[int]], batch_size: int) -> list[list[int]]:
-    """Sentence indices sorted by length, cut into batches (as `translate_batches` forms them)."""
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def _best_of(repeats: int, run) -> tuple[float, object]:
@@ -71,13 +66,14 @@ def main() -> int:
 
     from transformer.data import read_text_lines
     from transformer.decoding import translate
-    from transformer.decoding.text import encode_sources
+    from transformer.decoding.text import encode_sources, plan_batches
     from transformer.run.workdir import load_run_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--input", required=True)
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_tokens", type=int, default=None, help="source tokens per batch (translate.py's)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--alpha", type=float, default=0.6)
     parser.add_argument("--max_extra", type=int, default=50)
@@ -90,20 +86,19 @@ def main() -> int:
     lines = read_text_lines(args.input)
     lines = lines[: args.limit] if args.limit else lines
     encoded = encode_sources(tokenizer, lines, model.config.max_len)
-    batches = _batches(encoded, args.batch_size)
+    # The batches translate.py decodes these sentences in (`plan_batches`): both engines get them.
+    batches = plan_batches([len(e) for e in encoded], model.config.max_len, args.max_extra, args.batch_size,
+                           args.batch_tokens)
     ids = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     pad = model.config.pad_id
 
     def ours(beam: int) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in lines]
-        for members in batches:
-            width = max(len(encoded[i]) for i in members)
-            width = -(-width // 8) * 8  # lengths in multiples of 8, as translate_batches pads them
-            src = np.full((args.batch_size, width), pad, np.int32)
+        for width, extra, members, rows in batches:
+            src = np.full((rows, width), pad, np.int32)
             for row, i in enumerate(members):
                 src[row, : len(encoded[i])] = encoded[i]
             src[len(members):, 0] = tokenizer.eos_id
-            extra = min(args.max_extra, model.config.max_len - width)
             hyps = np.asarray(jax.block_until_ready(translate(model, src, beam, args.alpha, extra, **ids)))
             for row, i in enumerate(members):
                 seq = [int(t) for t in hyps[row]]
@@ -129,7 +124,7 @@ def main() -> int:
 
     def theirs(beam: int) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in lines]
-        for members in batches:
+        for _, _, members, _ in batches:
             # Its limit counts the output without the end token: the longest source's pieces + max_extra
             # is this library's (source with its end token) + max_extra, the end token forced last.
             width = max(len(pieces[i]) for i in members)
