@@ -86,7 +86,8 @@ def test_pretrain_fine_tune_frozen_and_classify_then_lm_and_generate(tmp_path):
     _clean(tuned)
     report = (clf / "init_from.txt").read_text()
     assert "loaded" in report and "embed" in report and "new" in report
-    assert (clf / "spm.model").read_bytes() == (mlm / "spm.model").read_bytes()  # the source's tokenizer, copied
+    # The source's tokenizer, copied (the synthetic task's is a character vocabulary, chars.json).
+    assert (clf / "chars.json").read_bytes() == (mlm / "chars.json").read_bytes()
     source, _ = _params(mlm)
     target, meta = _params(clf)
     assert meta["step"] == 10
