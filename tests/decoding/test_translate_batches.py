@@ -1,5 +1,6 @@
 """Text translation in batches: the batch plan (`plan_batches`) against its token budget and its
-bound on shapes, and the same translations whether batches are counted in sentences or in tokens."""
+bound on shapes; the same translations whether batches are counted in sentences or in tokens; and a
+line translated the same alone and beside longer lines (an over-long one cut, with a warning)."""
 
 import numpy as np
 import pytest
@@ -105,3 +106,32 @@ def test_batches_in_tokens_translate_as_batches_in_sentences(model, capsys):
     limits = [min(min(len(t), MAX_LEN - 1) + 1 + MAX_EXTRA, MAX_LEN) - 1 for t in texts]
     assert [len(t) for t in by_sentences] == limits  # every output at its own limit
     assert len(capsys.readouterr().err.splitlines()) == 3  # the long line's warning, once a call
+
+
+SHORT = "abc"  # 3 + 1 tokens: limit 4 + 10 = 14 tokens, 13 letters before the forced end token
+MEDIUM = "abcdefgh" * 3  # 24 + 1: limit 35 (fits in max_len 40), 34 letters
+NEAR = "hgfedcba" * 4  # 32 + 1: 33 + 10 > 40, so max_len cuts the limit to 40: 39 letters
+LONG = "abcdefgh" * 50  # 400 letters: cut to 39 (+ end = max_len), limit 40: 39 letters
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_a_line_translates_the_same_alone_and_beside_long_lines(model, capsys, beam_size):
+    tokenizer = CharTokenizer(ALPHABET)
+    alone = {text: translate_batches(model, tokenizer, [text], beam_size, 0.6, MAX_EXTRA, batch_size=4)[0]
+             for text in (SHORT, MEDIUM, NEAR)}
+    assert capsys.readouterr().err == ""
+    texts = [SHORT, NEAR, LONG, MEDIUM, SHORT]
+    together = translate_batches(model, tokenizer, texts, beam_size, 0.6, MAX_EXTRA, batch_size=4)
+    assert together[0] == together[4] == alone[SHORT]
+    assert together[3] == alone[MEDIUM] and together[1] == alone[NEAR]
+    # The over-long line is translated as its first max_len - 1 tokens, with a warning naming it.
+    cut = translate_batches(model, tokenizer, [LONG[: MAX_LEN - 1]], beam_size, 0.6, MAX_EXTRA, batch_size=4)
+    assert together[2] == cut[0]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: line 3 has 400 tokens but the model takes at most 39 (max_len 40, with the end "
+                   "token): only its first 39 are translated"]
+    lengths = [len(t) for t in together]
+    if beam_size == 1:  # greedy never ends early here (see the fixture): every output is at its limit
+        assert lengths == [13, 39, 39, 34, 13]
+    else:
+        assert all(n <= limit for n, limit in zip(lengths, [13, 39, 39, 34, 13]))

@@ -9,14 +9,10 @@ import subprocess
 import sys
 
 import pytest
-from flax import nnx
 
 from conftest import ROOT
-from transformer import Transformer, TransformerConfig
 from transformer.run.cli import UserError
 from transformer.data import DataError, load_folder_pairs, read_text_lines
-from transformer.decoding import translate_batches
-from transformer.data.tokenizer import EOS_ID, CharTokenizer
 
 TINY = ["--d_model", "16", "--d_ff", "32", "--h", "2", "--N", "1", "--batch_tokens", "256", "--quiet"]
 
@@ -165,56 +161,6 @@ def test_bad_numbers_and_outputs_end_in_one_line(tmp_path, script, args, fragmen
     result = run(script, "--workdir", str(tmp_path / "no_run"), *[a.format(file=tmp_path / "file") for a in args])
     assert_one_line_error(result, script, fragment)
     assert (tmp_path / "file").read_text() == "keep me\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# Each line is translated on its own terms
-# ---------------------------------------------------------------------------------------------
-
-ALPHABET = "abcdefgh"
-MAX_LEN, MAX_EXTRA = 40, 10
-
-
-@pytest.fixture(scope="module")
-def model():
-    config = TransformerConfig(vocab_size=len(ALPHABET) + 4, d_model=16, d_ff=24, h=2, N=1, max_len=MAX_LEN,
-                               dropout_rate=0.0)
-    m = Transformer(config, rngs=nnx.Rngs(3))
-    # A zero embedding for the end token gives it logit 0 (the output projection is the embedding
-    # matrix): a random model then almost never ends a sentence itself, and greedy outputs run to
-    # their length limits, which the test can work out by hand.
-    E = m.src_embed.token_embedding.embedding
-    E[...] = (E[...] * 4.0).at[EOS_ID].set(0.0)
-    return m
-
-
-SHORT = "abc"  # 3 + 1 tokens: limit 4 + 10 = 14 tokens, 13 letters before the forced end token
-MEDIUM = "abcdefgh" * 3  # 24 + 1: limit 35 (fits in max_len 40), 34 letters
-NEAR = "hgfedcba" * 4  # 32 + 1: 33 + 10 > 40, so max_len cuts the limit to 40: 39 letters
-LONG = "abcdefgh" * 50  # 400 letters: cut to 39 (+ end = max_len), limit 40: 39 letters
-
-
-@pytest.mark.parametrize("beam_size", [1, 3])
-def test_a_line_translates_the_same_alone_and_beside_long_lines(model, capsys, beam_size):
-    tokenizer = CharTokenizer(ALPHABET)
-    alone = {text: translate_batches(model, tokenizer, [text], beam_size, 0.6, MAX_EXTRA, batch_size=4)[0]
-             for text in (SHORT, MEDIUM, NEAR)}
-    assert capsys.readouterr().err == ""
-    texts = [SHORT, NEAR, LONG, MEDIUM, SHORT]
-    together = translate_batches(model, tokenizer, texts, beam_size, 0.6, MAX_EXTRA, batch_size=4)
-    assert together[0] == together[4] == alone[SHORT]
-    assert together[3] == alone[MEDIUM] and together[1] == alone[NEAR]
-    # The over-long line is translated as its first max_len - 1 tokens, with a warning naming it.
-    cut = translate_batches(model, tokenizer, [LONG[: MAX_LEN - 1]], beam_size, 0.6, MAX_EXTRA, batch_size=4)
-    assert together[2] == cut[0]
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["warning: line 3 has 400 tokens but the model takes at most 39 (max_len 40, with the end "
-                   "token): only its first 39 are translated"]
-    lengths = [len(t) for t in together]
-    if beam_size == 1:  # greedy never ends early here (see the fixture): every output is at its limit
-        assert lengths == [13, 39, 39, 34, 13]
-    else:
-        assert all(n <= limit for n, limit in zip(lengths, [13, 39, 39, 34, 13]))
 
 
 def test_translate_py_warns_about_the_long_line_and_keeps_the_others(tmp_path):

@@ -54,6 +54,17 @@ def _default_positions(tokens: Int[Array, "b l"], pad_id: int, right_padded: boo
     return None if right_padded else real_positions(tokens, pad_id)
 
 
+def _self_attention_inputs(
+    tokens: Int[Array, "b l"], pad_id: int, positions: Int[Array, "b l"] | None, segments: Int[Array, "b l"] | None,
+    right_padded: bool, causal: bool = False,
+):
+    """The self-attention mask and the positions of one stack's input rows (packed rows, which pass
+    `segments`, are right-padded by construction)."""
+    right_padded = right_padded or segments is not None
+    mask = self_attention_mask(tokens, pad_id, causal=causal, segments=segments, right_padded=right_padded)
+    return mask, (_default_positions(tokens, pad_id, right_padded) if positions is None else positions)
+
+
 class Transformer(nnx.Module):
     """§3: the encoder-decoder Transformer.
 
@@ -91,10 +102,8 @@ class Transformer(nnx.Module):
         """The encoder's output ("memory") for the source tokens, padded anywhere (or right-padded,
         as `right_padded` promises)."""
         check_tokens("src_tokens", src_tokens, self.config)
-        pad_id, right_padded = self.config.pad_id, right_padded or src_segments is not None
-        mask = self_attention_mask(src_tokens, pad_id, segments=src_segments, right_padded=right_padded)
-        if src_positions is None:
-            src_positions = _default_positions(src_tokens, pad_id, right_padded)
+        mask, src_positions = _self_attention_inputs(src_tokens, self.config.pad_id, src_positions, src_segments,
+                                                     right_padded)
         x = self.src_embed(src_tokens, src_positions, deterministic=deterministic, rngs=rngs)
         return self.encoder(x, mask, deterministic=deterministic, rngs=rngs)
 
@@ -231,10 +240,8 @@ class _TokenLogitsModel(nnx.Module):
         (example ids, 0 = padding) and `positions` (restarting at 0 per example), and no example
         attends to another."""
         check_tokens("tokens", tokens, self.config)
-        pad_id, right_padded = self.config.pad_id, right_padded or segments is not None
-        mask = self_attention_mask(tokens, pad_id, causal=self.causal, segments=segments, right_padded=right_padded)
-        if positions is None:
-            positions = _default_positions(tokens, pad_id, right_padded)
+        mask, positions = _self_attention_inputs(tokens, self.config.pad_id, positions, segments, right_padded,
+                                                 causal=self.causal)
         x = self.embed(tokens, positions, deterministic=deterministic, rngs=rngs)
         return self.logits(self._stack(x, mask, deterministic=deterministic, rngs=rngs))
 
@@ -300,13 +307,10 @@ class TransformerClassifier(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ) -> Float[Array, "b c"]:
         check_tokens("tokens", tokens, self.config)
-        pad_id = self.config.pad_id
-        real = tokens != pad_id
-        positions = _default_positions(tokens, pad_id, right_padded)
+        mask, positions = _self_attention_inputs(tokens, self.config.pad_id, None, None, right_padded)
         x = self.embed(tokens, positions, deterministic=deterministic, rngs=rngs)
-        mask = self_attention_mask(tokens, pad_id, right_padded=right_padded)
         x = self.encoder(x, mask, deterministic=deterministic, rngs=rngs)
-        weights = real[..., None].astype(jnp.float32)
+        weights = (tokens != self.config.pad_id)[..., None].astype(jnp.float32)
         pooled = (x.astype(jnp.float32) * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
         return self.classifier(pooled)
 
