@@ -1,6 +1,8 @@
 """LM generation: cached generation against the full model recomputed over the growing sequence, for
 prompts padded anywhere in one batch; sampling's seed, top-k and nucleus; the token callback."""
 
+import time
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -146,3 +148,23 @@ def test_bad_sampling_settings_are_a_clear_error(lm, bad, message):
 def test_a_prompt_row_without_real_tokens_is_a_clear_error(lm):
     with pytest.raises(ValueError, match="at least one real token"):
         generate(lm, np.array([[4, 5], [PAD_ID, PAD_ID]], np.int32), NEW, **IDS)
+
+
+def test_streamed_text_is_the_whole_continuation_and_each_call_its_own(lm):
+    from transformer.data.tokenizer import CharTokenizer
+    from transformer.decoding.text import continue_texts
+
+    tokenizer = CharTokenizer("abcdefghijklmno")  # 15 letters + 4 special ids = the model's vocabulary of 19
+    for prompt, seed in (("abc", 1), ("hello", 2)):
+        pieces = []
+
+        def slow_reader(piece):  # a reader slower than the loop: the loop's callbacks queue up behind it
+            time.sleep(0.02)
+            pieces.append(piece)
+
+        out = continue_texts(lm, tokenizer, [prompt], max_new_tokens=17, temperature=1.0, seed=seed,
+                             on_text=slow_reader)
+        # Every piece arrived before continue_texts returned, and into this call's list only.
+        assert len(out) == 1 and "".join(pieces) == out[0]
+    with pytest.raises(ValueError, match="streams one prompt"):
+        continue_texts(lm, tokenizer, ["a", "b"], on_text=print)

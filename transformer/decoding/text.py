@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 
 from transformer.decoding.search import translate
@@ -188,7 +189,12 @@ def continue_texts(lm, tokenizer, prompts: Sequence[str], max_new_tokens: int = 
     try:
         out = generate(lm, rows, max_new_tokens, temperature, top_k, nnx.Rngs(sample=seed), bos_id=tokenizer.bos_id,
                        eos_id=tokenizer.eos_id, top_p=top_p, on_token=_stream_tokens if on_text is not None else None)
+        out = np.asarray(out)
+        if on_text is not None:
+            # The loop's callbacks run asynchronously to this thread: the handler stays installed
+            # until the last of them has run.
+            jax.effects_barrier()
     finally:
         if on_text is not None:
             _streaming.pop()
-    return [tokenizer.decode(list(row)) for row in np.asarray(out)]
+    return [tokenizer.decode(list(row)) for row in out]
