@@ -62,9 +62,46 @@ def test_the_loss_counts_the_chosen_positions_only():
     (dict(mask_rate=0.0), "mask_rate must be in (0, 1)"),
     (dict(mask_token_rate=0.9, random_token_rate=0.2), "a sum of at most 1"),
     (dict(dataset="corpus.txt"), "name the validation data with --eval_dataset"),
+    (dict(max_predictions=0), "max_predictions must be a positive integer"),
 ])
 def test_bad_masking_settings_are_one_line(fields, message):
     from transformer.config import ConfigError
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         MLMConfig(**fields)
+
+
+def test_a_row_has_at_most_max_predictions_chosen_and_the_loss_scores_those_alone():
+    from flax import nnx
+
+    from transformer.config import TransformerConfig
+    from transformer.models.transformer import TransformerMLM
+    from transformer.tasks.mlm import chosen_positions, mlm_objective
+
+    config = MLMConfig(mask_rate=0.5, max_predictions=3)
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(FIRST_ORDINARY_ID, VOCAB, (64, 13)).astype(np.int32)
+    tokens[:5, 2:] = PAD  # rows with 2 real tokens: fewer chosen than the cap
+    inputs, chosen = mask_tokens(jax.random.key(7), jnp.asarray(tokens), PAD, MASK, VOCAB, config)
+    inputs, chosen = np.asarray(inputs), np.asarray(chosen)
+    counts = chosen.sum(axis=1)
+    assert counts.max() == 3 and (counts[:5] <= 2).all()
+    assert (inputs[~chosen] == tokens[~chosen]).all()  # beyond the cap, positions are neither changed nor scored
+    at, weights = chosen_positions(jnp.asarray(chosen), 3)
+    at, weights = np.asarray(at), np.asarray(weights)
+    for row in range(64):
+        n = counts[row]
+        assert list(at[row, :n]) == list(np.flatnonzero(chosen[row])) and (weights[row] == (np.arange(3) < n)).all()
+
+    # The objective's sums equal those of the full logits at the chosen positions.
+    model = TransformerMLM(TransformerConfig.tiny(d_model=16, d_ff=24, h=2, N=1, vocab_size=VOCAB, dropout_rate=0.0),
+                           rngs=nnx.Rngs(0))
+    positions = jnp.broadcast_to(jnp.arange(13), (64, 13))
+    batch = {"tokens": jnp.asarray(tokens), "segments": jnp.asarray((tokens != PAD).astype(np.int32)),
+             "positions": positions}
+    sums = mlm_objective(config, 0.0, PAD, MASK, VOCAB).fn(model, batch, deterministic=True, rngs=None)
+    inputs, chosen = mask_tokens(jax.random.key(0), batch["tokens"], PAD, MASK, VOCAB, config)  # its fixed key
+    log_p = jax.nn.log_softmax(model(inputs, positions=positions, segments=batch["segments"]))
+    nll = -jnp.take_along_axis(log_p, batch["tokens"][..., None], axis=-1)[..., 0]
+    assert float(sums["tokens"]) == float(chosen.sum())
+    np.testing.assert_allclose(float(sums["nll_sum"]), float((nll * chosen).sum()), rtol=1e-5)

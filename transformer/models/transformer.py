@@ -231,19 +231,24 @@ class _TokenLogitsModel(nnx.Module):
         *,
         positions: Int[Array, "b l"] | None = None,
         segments: Int[Array, "b l"] | None = None,
+        at: Int[Array, "b k"] | None = None,
         right_padded: bool = False,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
-    ) -> Float[Array, "b l v"]:
-        """Logits (float32) at every position (what they predict: the class docstring). Rows are
-        padded anywhere (or right-padded, as `right_padded` promises); packed rows pass `segments`
-        (example ids, 0 = padding) and `positions` (restarting at 0 per example), and no example
-        attends to another."""
+    ) -> Float[Array, "b l v"] | Float[Array, "b k v"]:
+        """Logits (float32) at every position (what they predict: the class docstring), or only at
+        the positions `at` (indices into each row: a masked LM's loss needs a few, and the
+        projection over the vocabulary then runs on those alone). Rows are padded anywhere (or
+        right-padded, as `right_padded` promises); packed rows pass `segments` (example ids, 0 =
+        padding) and `positions` (restarting at 0 per example), and no example attends to another."""
         check_tokens("tokens", tokens, self.config)
         mask, positions = _self_attention_inputs(tokens, self.config.pad_id, positions, segments, right_padded,
                                                  causal=self.causal)
         x = self.embed(tokens, positions, deterministic=deterministic, rngs=rngs)
-        return self.logits(self._stack(x, mask, deterministic=deterministic, rngs=rngs))
+        x = self._stack(x, mask, deterministic=deterministic, rngs=rngs)
+        if at is not None:
+            x = jnp.take_along_axis(x, at[..., None], axis=1)
+        return self.logits(x)
 
 
 class TransformerLM(_TokenLogitsModel):
