@@ -1,3 +1,4 @@
+import jax
 import numpy as np
 
 from transformer.run.checkpoint import average_states
@@ -135,3 +136,33 @@ def test_load_params_averages_the_newest_usable_checkpoints_and_refuses_a_named_
     with pytest.raises(NoUsableCheckpoint, match="checkpoint step 3 is unusable: its meta/ folder is missing"):
         load_params(str(tmp_path), states[0], step=3)
     assert (tmp_path / "checkpoints" / "3").is_dir()  # readers never move or delete
+
+
+def test_a_models_parameters_load_from_a_checkpoint_whose_train_state_has_another_layout(tmp_path, capsys):
+    from transformer.run.checkpoint import load_model_params
+
+    model = TransformerConfig.tiny(d_model=8, d_ff=12, h=2, N=1, vocab_size=11)
+    states = [create_train_state(model, TrainConfig(seed=s))[1] for s in range(3)]
+    checkpoints = Checkpoints(str(tmp_path), keep=5)
+    # As an older version of the library saved them: the parameters beside loop and optimizer
+    # fields that today's TrainState does not have (so restoring the whole state fails).
+    for s, state in enumerate(states[:2], 1):
+        checkpoints.save(s, {"params": state.params, "count": np.int32(s), "moments": {"m": np.ones(3, np.float32)}},
+                         {"step": s})
+    # One whose parameters do not fit the model: skipped, naming the parameter.
+    wrong = jax.tree.map(lambda a: a, states[2].params)
+    wrong["output_projection"] = {"bias": np.zeros(5, np.float32)}
+    wrong["encoder"]["layers"][0]["feed_forward"]["linear_1"]["kernel"] = np.zeros((8, 13), np.float32)
+    checkpoints.save(3, {"params": wrong}, {"step": 3})
+    checkpoints.close()
+    with pytest.raises(NoUsableCheckpoint, match="checkpoint step 2 is unusable: it cannot be read"):
+        load_params(str(tmp_path), states[0], step=2)  # the whole state cannot be restored
+    capsys.readouterr()
+    params, used = load_model_params(str(tmp_path), states[0].params, average_last=2)
+    assert used == [1, 2]
+    assert "its encoder/layers/0/feed_forward/linear_1/kernel has shape (8, 13), the run's model (8, 12)" in \
+        capsys.readouterr().err
+    leaf = lambda p: np.asarray(p["encoder"]["layers"][0]["feed_forward"]["linear_1"]["kernel"][...])  # noqa: E731
+    np.testing.assert_allclose(leaf(params), (leaf(states[0].params) + leaf(states[1].params)) / 2, rtol=1e-6)
+    np.testing.assert_array_equal(leaf(load_model_params(str(tmp_path), states[0].params, step=1)[0]),
+                                  leaf(states[0].params))

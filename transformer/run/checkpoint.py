@@ -229,43 +229,89 @@ class Checkpoints:
             self.manager.close()
 
 
-def average_states(states: list) -> Any:
+def average_params(trees: list) -> Any:
     """§6.1: the element-wise mean of several checkpoints' parameters ("we used a single model
-    obtained by averaging the last 5 checkpoints", 20 for big). The step, optimizer state and random
-    key are those of the last one."""
+    obtained by averaging the last 5 checkpoints", 20 for big), summed in float64."""
+    if not trees:
+        raise ValueError("no checkpoints to average")
+    return jax.tree.map(lambda *xs: np.mean(np.stack([np.asarray(x, np.float64) for x in xs]), axis=0).astype(xs[0].dtype),
+                        *trees)
+
+
+def average_states(states: list) -> Any:
+    """`average_params` of several train states; the step, optimizer state and random key are
+    those of the last one."""
     if not states:
         raise ValueError("no checkpoints to average")
-    mean = jax.tree.map(lambda *xs: np.mean(np.stack([np.asarray(x, np.float64) for x in xs]), axis=0).astype(xs[0].dtype),
-                        *[s.params for s in states])
-    return states[-1].replace(params=mean)
+    return states[-1].replace(params=average_params([s.params for s in states]))
+
+
+def _fit_params(like_params: Any, saved: dict, step: int) -> Any:
+    """`like_params` (the run's model's nnx.State) holding the arrays of `saved` (what
+    `Checkpoints.restore_params` reads); UnusableCheckpoint unless every parameter is there with
+    its shape."""
+    from transformer.training.optimizer import parameter_paths, path_name
+
+    saved = parameter_paths(saved)
+    for path, leaf in parameter_paths(like_params).items():
+        if path not in saved:
+            raise UnusableCheckpoint(step, f"it has no parameter {path}, which the run's model has")
+        if tuple(np.shape(saved[path])) != tuple(np.shape(leaf)):
+            raise UnusableCheckpoint(step, f"its {path} has shape {tuple(np.shape(saved[path]))}, the run's model "
+                                           f"{tuple(np.shape(leaf))}")
+    return jax.tree_util.tree_map_with_path(
+        lambda key_path, leaf: np.asarray(saved[path_name(key_path)]).astype(leaf.dtype), like_params)
+
+
+def _usable_steps(checkpoints: Checkpoints, step: int | None, average_last: int, read) -> tuple[list, list[int]]:
+    """(what `read(step)` gave, the steps) for the newest `average_last` checkpoints that can be
+    read, at or before `step` if given (that one must be readable); the others skipped with a line
+    on standard error."""
+    steps = checkpoints.all_steps()
+    if not steps:
+        raise NoUsableCheckpoint(f"no checkpoints in {checkpoints.directory}")
+    if step is not None:
+        if step not in steps:
+            raise NoUsableCheckpoint(f"no checkpoint of step {step} in {checkpoints.directory} (have {steps})")
+        steps = [s for s in steps if s <= step]
+    used, read_ = [], []
+    for s in reversed(steps):
+        if len(used) == average_last:
+            break
+        try:
+            read_.insert(0, read(s))
+            used.insert(0, s)
+        except UnusableCheckpoint as err:
+            if s == step:  # the one asked for by name: no silent substitute
+                raise NoUsableCheckpoint(f"{err}: choose another --step (have {steps})") from None
+            _stderr(f"warning: skipped checkpoint step {s} in {checkpoints.directory}: {err.reason}")
+    if not used:
+        raise NoUsableCheckpoint(f"none of the checkpoints in {checkpoints.directory} can be restored (see above)")
+    return read_, used
+
+
+def load_model_params(workdir: str, like_params: Any, average_last: int = 1,
+                      step: int | None = None) -> tuple[Any, list[int]]:
+    """The parameters of a run's checkpoint at `step` (default the newest usable one), or the average
+    of its last `average_last` usable checkpoints, in the structure of `like_params`. Only the
+    parameters are read, so a checkpoint whose optimizer or loop state has another layout (a run of
+    an older version of this library) still gives its model. Returns (params, the steps used)."""
+    checkpoints = Checkpoints(workdir, keep=10**9)
+    try:
+        trees, used = _usable_steps(checkpoints, step, average_last,
+                                    lambda s: _fit_params(like_params, checkpoints.restore_params(s), s))
+    finally:
+        checkpoints.close()
+    return jax.tree.map(jax.numpy.asarray, average_params(trees)), used
 
 
 def load_params(workdir: str, like: Any, average_last: int = 1, step: int | None = None) -> tuple[Any, list[int]]:
-    """Parameters of a run's checkpoint at `step` (default the newest usable one), or the average of
-    its last `average_last` usable checkpoints (unusable ones are skipped with a line on stderr).
+    """The train state of a run's checkpoint at `step` (default the newest usable one), or the
+    average of the parameters of its last `average_last` usable checkpoints (`average_states`).
     Returns (train state, the steps used)."""
     checkpoints = Checkpoints(workdir, keep=10**9)
     try:
-        steps = checkpoints.all_steps()
-        if not steps:
-            raise NoUsableCheckpoint(f"no checkpoints in {checkpoints.directory}")
-        if step is not None:
-            if step not in steps:
-                raise NoUsableCheckpoint(f"no checkpoint of step {step} in {checkpoints.directory} (have {steps})")
-            steps = [s for s in steps if s <= step]
-        used, states = [], []
-        for s in reversed(steps):
-            if len(used) == average_last:
-                break
-            try:
-                states.insert(0, checkpoints.restore(s, like)[0])
-                used.insert(0, s)
-            except UnusableCheckpoint as err:
-                if s == step:  # the one asked for by name: no silent substitute
-                    raise NoUsableCheckpoint(f"{err}: choose another --step (have {steps})") from None
-                _stderr(f"warning: skipped checkpoint step {s} in {checkpoints.directory}: {err.reason}")
-        if not used:
-            raise NoUsableCheckpoint(f"none of the checkpoints in {checkpoints.directory} can be restored (see above)")
+        states, used = _usable_steps(checkpoints, step, average_last, lambda s: checkpoints.restore(s, like)[0])
     finally:
         checkpoints.close()
     return average_states(states), used

@@ -218,7 +218,7 @@ def load_run_model(workdir: str, average_last: int = 1, step: int | None = None,
     from flax import nnx
 
     from transformer.data.tokenizer import load_tokenizer
-    from transformer.run.checkpoint import load_params
+    from transformer.run.checkpoint import load_model_params
 
     if not os.path.isdir(workdir):
         raise UserError(f"--workdir {workdir!r} is not a folder: give the work dir of a train.py run")
@@ -231,10 +231,10 @@ def load_run_model(workdir: str, average_last: int = 1, step: int | None = None,
         raise UserError(f"no tokenizer in {workdir}: --workdir must be the folder of a train.py run")
     graphdef, like = run_state_like(model_config, train_config, run_task)
     try:
-        state, used = load_params(workdir, like, average_last, step)
+        params, used = load_model_params(workdir, like.params, average_last, step)
     except FileNotFoundError as err:
         raise UserError(str(err)) from None
-    return nnx.merge(graphdef, state.params), tokenizer, used
+    return nnx.merge(graphdef, params), tokenizer, used
 
 
 def check_new_folder(output: str) -> None:
