@@ -88,8 +88,8 @@ def mlm_objective(config: MLMConfig, label_smoothing: float, pad_id: int, mask_i
     step's "data" key (a fixed key in evaluation, so every evaluation masks the same positions).
     The model scores the chosen positions only (`at`): the pre-softmax projection over the
     vocabulary, the largest matmul of a small encoder, then runs on predictions_per_row positions a
-    row rather than on all of them (the step times before and after: benchmarks/RESULTS.md, "Other
-    tasks on real data")."""
+    row rather than on all of them (`benchmarks/mlm_step.py` times both; benchmarks/RESULTS.md,
+    "Other tasks on real data", has the figures)."""
 
     def fn(model, batch, *, deterministic: bool, rngs):
         tokens = batch["tokens"]
