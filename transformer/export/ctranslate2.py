@@ -58,7 +58,8 @@ def import_ctranslate2():
 
 
 def _array(x) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(x[...], dtype=np.float32))
+    # A writable copy: the spec's optimize() quantizes in place, and a view of a JAX array is read-only.
+    return np.array(x[...], dtype=np.float32, order="C", copy=True)
 
 
 def _linear(spec, kernel_in_out: np.ndarray, bias: np.ndarray | None = None) -> None:
