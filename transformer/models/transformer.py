@@ -3,8 +3,9 @@
 - `Transformer`: the paper's encoder-decoder (§3, Figure 1), for translation.
 - `TransformerLM`: a decoder-only language model (causal self-attention, no cross-attention).
 - `TransformerClassifier`: an encoder, mean-pooled over real tokens, then class logits.
-- `TransformerMLM`: an encoder with token logits at every position, for masked-language-model
-  pre-training (BERT-style; its `embed` and `encoder` load into a `TransformerClassifier`).
+- `TransformerMLM`: an encoder with token logits at every position (or at the positions `at` names),
+  for masked-language-model pre-training (BERT-style; its `embed` and `encoder` load into a
+  `TransformerClassifier`).
 
 Every model returns logits; losses live in `transformer.training.loss`.
 

@@ -241,9 +241,8 @@ def average_params(trees: list) -> Any:
 def average_states(states: list) -> Any:
     """`average_params` of several train states; the step, optimizer state and random key are
     those of the last one."""
-    if not states:
-        raise ValueError("no checkpoints to average")
-    return states[-1].replace(params=average_params([s.params for s in states]))
+    mean = average_params([s.params for s in states])  # (raises for none)
+    return states[-1].replace(params=mean)
 
 
 def _fit_params(like_params: Any, saved: dict, step: int) -> Any:

@@ -36,7 +36,7 @@ class MLMConfig:
     mask_token_rate: float = 0.8  # of the chosen, replaced by the mask token
     random_token_rate: float = 0.1  # of the chosen, replaced by a random token (the rest are kept)
     # The most positions chosen in a row (BERT's max_predictions_per_seq); None: the mean of a full
-    # row plus four standard deviations, a cap that about 3 rows in 100,000 reach.
+    # row plus four standard deviations, a cap that about 3 rows in 100,000 would exceed.
     max_predictions: int | None = None
 
     def __post_init__(self):
