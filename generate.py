@@ -6,7 +6,9 @@ prompt; its continuation is printed as its tokens come.
     echo "a man in a red shirt" | python generate.py --workdir runs/lm --temperature 0.8 --top_p 0.9 --seed 1
 
 Greedy by default (temperature 0); with --temperature > 0 tokens are sampled, from the --top_k most
-likely and/or the --top_p nucleus. The same --seed gives the same text.
+likely and/or the --top_p nucleus. The same --seed gives the same text. --beam_size K searches
+instead, as translation does (§6.1: K hypotheses, length penalty --alpha), and prints each
+continuation once it is found.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main() -> int:
     parser.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     parser.add_argument("--top_p", type=float, default=1.0, help="sample from the nucleus of this probability (1 = all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--beam_size", type=int, default=1, help="beam search of this width (1 = no beam; default)")
+    parser.add_argument("--alpha", type=float, default=0.6, help="the beam's length penalty (default: 0.6)")
     parser.add_argument("--average_last", type=int, default=1, help="average the last K checkpoints")
     parser.add_argument("--step", type=int, default=None, help="use the checkpoint of this step (default: latest)")
     args = parser.parse_args()
@@ -39,6 +43,12 @@ def main() -> int:
         raise UserError(f"--top_k must be >= 0 (0 = no limit), got {args.top_k}")
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.beam_size < 1:
+        raise UserError(f"--beam_size must be >= 1 (1 = no beam), got {args.beam_size}")
+    if args.beam_size > 1 and (args.temperature > 0 or args.top_k or args.top_p < 1):
+        raise UserError("--beam_size > 1 searches, it does not sample: drop --temperature, --top_k and --top_p")
+    if not 0 <= args.alpha < float("inf"):
+        raise UserError(f"--alpha (the length penalty's exponent) must be a number >= 0, got {args.alpha}")
     if args.input != "-" and not os.path.isfile(args.input):
         raise UserError(f"--input {args.input!r} is not a file")
 
@@ -59,7 +69,7 @@ def main() -> int:
             print(text, end="", flush=True)
 
         continue_texts(model, tokenizer, [prompt], min(args.max_new_tokens, room), args.temperature, args.top_k,
-                       args.top_p, args.seed + n, on_text=show)
+                       args.top_p, args.seed + n, on_text=show, beam_size=args.beam_size, alpha=args.alpha)
         print(flush=True)
     return 0
 

@@ -36,6 +36,9 @@ def main() -> int:
     parser.add_argument("--batch_tokens", type=int, default=None,
                         help="at most this many source tokens a batch, padding included, in a power of two of rows "
                              "that --batch_size caps (default: --batch_size rows a batch)")
+    parser.add_argument("--compact_rows", type=int, default=None,
+                        help="drop ended sentences from a batch as it decodes, down to this many rows (faster "
+                             "decoding, longer compilation: for large batches; default: off)")
     parser.add_argument("--attention_impl", default=None, choices=["reference", "xla", "cudnn", "auto"],
                         help="how attention is computed (default: the run's, or 'auto' where this device cannot run it)")
     parser.add_argument("--plot_attention", default=None, metavar="FILE.png",
@@ -46,6 +49,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.average_last < 1 or args.batch_size < 1 or (args.beam_size is not None and args.beam_size < 1):
         raise UserError("--average_last, --batch_size and --beam_size must be positive")
+    if args.compact_rows is not None and args.compact_rows < 1:
+        raise UserError(f"--compact_rows (the fewest rows of a compacted batch) must be positive, got {args.compact_rows}")
     if args.batch_tokens is not None and args.batch_tokens < 1:
         raise UserError(f"--batch_tokens (source tokens per batch) must be positive, got {args.batch_tokens}")
     if args.alpha is not None and not 0 <= args.alpha < float("inf"):  # NaN fails too
@@ -102,6 +107,7 @@ def main() -> int:
         alpha=decode_config.length_penalty if args.alpha is None else args.alpha,
         max_extra=decode_config.max_decode_extra if args.max_extra is None else args.max_extra,
         batch_size=args.batch_size, batch_tokens=args.batch_tokens, progress=args.input != "-",
+        compact_rows=args.compact_rows,
     )
     for h in hypotheses:
         print(h)

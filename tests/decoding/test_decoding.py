@@ -175,6 +175,31 @@ def test_decoding_in_cache_blocks_equals_one_loop_over_the_whole_cache(seed):
         np.testing.assert_allclose(np.asarray(scores_b), np.asarray(scores), atol=1e-5)
 
 
+# Six sources of lengths 7, 4, 2, 5, 3 and 1 (seed 2 ends their outputs at different steps).
+COMPACT_SRC = jnp.concatenate([BLOCKS_SRC, jnp.array([[7, 8, 9, 10, EOS_ID, PAD_ID, PAD_ID],
+                                                       [12, 11, EOS_ID] + [PAD_ID] * 4,
+                                                       [EOS_ID] + [PAD_ID] * 6], jnp.int32)])
+
+
+def test_compacting_the_batch_changes_no_output():
+    # Blocks of 4 steps; at each block's start the sources still decoding are gathered into 6, 3, 2
+    # or 1 rows (compact_rows=1), and the outputs must be those of the whole batch all along.
+    model = Transformer(BLOCKS_CONFIG, rngs=nnx.Rngs(2))
+    E = model.tgt_embed.token_embedding.embedding
+    E[...] = E[...] * 3.0
+    greedy, log_prob = greedy_decode(model, COMPACT_SRC, 9, cache_block=4, compact_rows=None, **IDS)
+    ends = [list(row).index(EOS_ID) + 1 for row in np.asarray(greedy)]
+    # The case compaction is for: at the start of a later block at most half the rows still decode.
+    assert any(sum(end > start for end in ends) <= 3 for start in (4, 8, 12)), ends
+    greedy_c, log_prob_c = greedy_decode(model, COMPACT_SRC, 9, cache_block=4, compact_rows=1, **IDS)
+    np.testing.assert_array_equal(np.asarray(greedy_c), np.asarray(greedy))
+    np.testing.assert_allclose(np.asarray(log_prob_c), np.asarray(log_prob), atol=1e-5)
+    beams, scores = beam_search(model, COMPACT_SRC, 3, 0.6, 9, cache_block=4, compact_rows=None, **IDS)
+    beams_c, scores_c = beam_search(model, COMPACT_SRC, 3, 0.6, 9, cache_block=4, compact_rows=1, **IDS)
+    np.testing.assert_array_equal(np.asarray(beams_c), np.asarray(beams))
+    np.testing.assert_allclose(np.asarray(scores_c), np.asarray(scores), atol=1e-5)
+
+
 def test_cache_blocks_cover_the_written_slots():
     from transformer.decoding.search import _cache_blocks
 
@@ -184,6 +209,8 @@ def test_cache_blocks_cover_the_written_slots():
     assert _cache_blocks(0, 16, 16) == _cache_blocks(0, 16, 40) == _cache_blocks(0, 16, None) == [16]
     with pytest.raises(ValueError, match="cache_block must be a positive integer"):
         greedy_decode(Transformer(CONFIG, rngs=nnx.Rngs(0)), SRC, 3, cache_block=0, **IDS)
+    with pytest.raises(ValueError, match="compact_rows must be a positive integer"):
+        greedy_decode(Transformer(CONFIG, rngs=nnx.Rngs(0)), SRC, 3, compact_rows=0, **IDS)
 
 
 @pytest.mark.parametrize("encoding", ["learned", "sinusoidal"])
@@ -235,7 +262,7 @@ def test_search_uses_the_special_ids_it_is_given(model):
 def test_each_public_name_is_one_thing():
     # The package's `translate` is the search function, not a submodule of the same name.
     import transformer.decoding as decoding
-    from transformer.decoding.search import translate
+    from transformer.decoding.families import translate
 
     assert decoding.translate is translate and callable(decoding.translate)
     for name in decoding.__all__:

@@ -1,8 +1,10 @@
 """LM generation: cached generation against the full model recomputed over the growing sequence, for
 prompts padded anywhere in one batch; sampling's seed, top-k and nucleus; the token callback."""
 
+import itertools
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -79,6 +81,57 @@ def test_generation_in_cache_blocks_equals_one_loop_over_the_whole_cache(lm):
             np.testing.assert_array_equal(run(block, sampled), run(None, sampled))
 
 
+def test_compacting_the_batch_changes_no_continuation(lm):
+    # Blocks of 2 steps; at each block's start the rows still generating are gathered into 3, 2 or 1
+    # rows (compact_rows=1). A row's random keys follow its index in the batch, not its place in
+    # the compacted one, so sampled tokens are the same too.
+    for temperature in (0.0, 1.0):
+        def run(compact_rows):
+            return np.asarray(generate(lm, PROMPTS, NEW, temperature, cache_block=2, compact_rows=compact_rows,
+                                       rngs=nnx.Rngs(sample=2), **IDS))
+
+        whole = run(None)
+        np.testing.assert_array_equal(run(1), whole)
+    assert EOS_ID in whole[0, :-1]  # (seed 2, sampled) a row ends while others go on
+
+
+def test_a_rows_samples_do_not_depend_on_the_rows_beside_it(lm):
+    sampling = dict(temperature=1.0, top_p=0.9, rngs=nnx.Rngs(sample=5))
+    first = np.asarray(generate(lm, PROMPTS, NEW, **sampling, **IDS))
+    others = PROMPTS.copy()
+    others[1:] = [[13, 14, 15, 0, 0, 0], [16, 17, 18, 4, 5, 6]]
+    second = np.asarray(generate(lm, others, NEW, **dict(sampling, rngs=nnx.Rngs(sample=5)), **IDS))
+    np.testing.assert_array_equal(second[0], first[0])
+    assert not np.array_equal(second[1:], first[1:])  # the other rows did change
+
+
+def _continuation_log_prob(lm, prompt, continuation):
+    tokens = jnp.asarray([list(prompt) + list(continuation)], jnp.int32)
+    log_p = np.asarray(jax.nn.log_softmax(lm(tokens)[0].astype(jnp.float32)))
+    return float(sum(log_p[len(prompt) - 1 + j, t] for j, t in enumerate(continuation)))
+
+
+def test_lm_beam_search_finds_the_exhaustive_best(lm):
+    # Continuations of at most 2 tokens: the end token alone, a token and the end token, or two
+    # tokens cut at the limit (a continuation does not end with the end token there, unlike a
+    # translation). The widest beam must return the best under log P / lp.
+    from transformer.decoding import length_penalty
+
+    prompt, alpha = [8, 9], 0.6
+    tokens = [t for t in range(CONFIG.vocab_size) if t not in (PAD_ID, BOS_ID, EOS_ID)]
+    candidates = [(EOS_ID,)] + [(a, EOS_ID) for a in tokens] + list(itertools.product(tokens, tokens))
+    scored = {c: _continuation_log_prob(lm, prompt, c) / float(length_penalty(jnp.array(len(c)), alpha))
+              for c in candidates}
+    best = max(scored, key=scored.get)
+    # Left-padded, as a batch of prompts would be.
+    out = np.asarray(generate(lm, np.array([[PAD_ID] + prompt], np.int32), 2, beam_size=len(candidates), alpha=alpha,
+                              **IDS))[0]
+    assert tuple(int(t) for t in out if t != PAD_ID) == best
+    # Greedy takes another path here: the search is not greedy decoding under another name.
+    greedy = np.asarray(generate(lm, np.array([prompt], np.int32), 2, **IDS))[0]
+    assert tuple(int(t) for t in greedy if t != PAD_ID) != best
+
+
 def test_sampling_with_a_seed_is_deterministic(lm):
     first = generate(lm, PROMPTS, NEW, temperature=1.0, top_p=0.9, rngs=nnx.Rngs(sample=7), **IDS)
     again = generate(lm, PROMPTS, NEW, temperature=1.0, top_p=0.9, rngs=nnx.Rngs(sample=7), **IDS)
@@ -139,7 +192,9 @@ def test_on_token_sees_each_step_as_it_is_returned(lm):
 
 @pytest.mark.parametrize("bad, message", [(dict(top_p=0.0), "top_p must be in"), (dict(top_p=1.5), "top_p must be in"),
                                           (dict(top_k=-1), "top_k must be"),
-                                          (dict(temperature=-0.5), "temperature must be")])
+                                          (dict(temperature=-0.5), "temperature must be"),
+                                          (dict(beam_size=0), "beam_size must be"),
+                                          (dict(beam_size=2, temperature=1.0), "beam search neither samples")])
 def test_bad_sampling_settings_are_a_clear_error(lm, bad, message):
     with pytest.raises(ValueError, match=message):
         generate(lm, PROMPTS, NEW, **bad, **IDS)
@@ -168,3 +223,7 @@ def test_streamed_text_is_the_whole_continuation_and_each_call_its_own(lm):
         assert len(out) == 1 and "".join(pieces) == out[0]
     with pytest.raises(ValueError, match="streams one prompt"):
         continue_texts(lm, tokenizer, ["a", "b"], on_text=print)
+    # A beam's continuation is known only when the search ends: handed over whole, once.
+    pieces = []
+    out = continue_texts(lm, tokenizer, ["abc"], max_new_tokens=6, on_text=pieces.append, beam_size=3)
+    assert pieces == out

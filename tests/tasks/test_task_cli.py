@@ -125,6 +125,10 @@ def test_pretrain_fine_tune_frozen_and_classify_then_lm_and_generate(tmp_path):
                        "--top_k", "3", "--seed", "4", stdin=prompts) for _ in range(2)]
     _clean(sampled[0])
     assert sampled[0].stdout == sampled[1].stdout  # a seed fixes the samples
+    searched = command("generate.py", "--workdir", str(lm), "--max_new_tokens", "5", "--beam_size", "3", stdin=prompts)
+    _clean(searched)
+    lines = searched.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("a c e") and lines[1].startswith("b")
 
 
 _MOCK_TFDS_RUNS = r"""

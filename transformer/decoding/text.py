@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from transformer.decoding.search import translate
+from transformer.decoding.families import translate
 
 
 def encode_sources(tokenizer, texts, max_len: int) -> list[list[int]]:
@@ -90,11 +90,13 @@ def plan_batches(lengths: Sequence[int], max_len: int, max_extra: int, batch_siz
 
 
 def translate_batches(model, tokenizer, texts, beam_size: int = 4, alpha: float = 0.6, max_extra: int = 50,
-                      batch_size: int = 64, progress: bool = False, batch_tokens: int | None = None) -> list[str]:
+                      batch_size: int = 64, progress: bool = False, batch_tokens: int | None = None,
+                      compact_rows: int | None = None) -> list[str]:
     """Translate raw sentences: tokenise, sort by length (less padding), decode in batches of few
     shapes (`plan_batches`: batch_size rows, or with batch_tokens as many rows of one padded length
     as fit that many source tokens, a power of two; lengths padded to multiples of 8), detokenise,
-    and return the translations in input order.
+    and return the translations in input order. compact_rows: drop ended sentences from a batch as
+    it decodes (`greedy_decode`).
 
     A sentence's translation depends on that sentence alone, never on the others of its batch: its
     output has at most (its length + max_extra) tokens (§6.1), or max_len where that is fewer (the
@@ -114,7 +116,7 @@ def translate_batches(model, tokenizer, texts, beam_size: int = 4, alpha: float 
             src[row, : len(encoded[i])] = encoded[i]
         src[len(members):, 0] = tokenizer.eos_id  # padding rows: an empty sentence
         hyps = np.asarray(translate(model, src, beam_size, alpha, extra, bos_id=tokenizer.bos_id,
-                                    eos_id=tokenizer.eos_id))
+                                    eos_id=tokenizer.eos_id, compact_rows=compact_rows))
         for row, i in enumerate(members):
             out[i] = tokenizer.decode(hyps[row])
     return out
@@ -159,14 +161,16 @@ def _stream_tokens(tokens: np.ndarray) -> None:
 
 def continue_texts(lm, tokenizer, prompts: Sequence[str], max_new_tokens: int = 50, temperature: float = 0.0,
                    top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                   on_text: Callable[[str], None] | None = None) -> list[str]:
-    """Continue text prompts with a `TransformerLM` (`search.generate` on the begin token and the
+                   on_text: Callable[[str], None] | None = None, beam_size: int = 1,
+                   alpha: float = 0.6) -> list[str]:
+    """Continue text prompts with a `TransformerLM` (`families.generate` on the begin token and the
     prompt's ids; prompts of different lengths share a batch). With `on_text` (one prompt only) the
     new text is handed over piece by piece as the tokens are chosen (what the prompt's ids and the
-    new ones decode to, beyond what the prompt's ids decode to)."""
+    new ones decode to, beyond what the prompt's ids decode to); a beam search (beam_size > 1)
+    hands it over whole once found."""
     from flax import nnx
 
-    from transformer.decoding.search import generate
+    from transformer.decoding.families import generate
 
     if on_text is not None and len(prompts) != 1:
         raise ValueError("on_text streams one prompt's continuation: pass one prompt")
@@ -174,7 +178,8 @@ def continue_texts(lm, tokenizer, prompts: Sequence[str], max_new_tokens: int = 
     rows = np.full((len(encoded), max(map(len, encoded))), tokenizer.pad_id, np.int32)
     for r, ids in enumerate(encoded):
         rows[r, : len(ids)] = ids
-    if on_text is not None:
+    streaming = on_text is not None and beam_size == 1  # a beam's tokens are known only at its end
+    if streaming:
         sofar = encoded[0][1:]
 
         def handle(tokens: np.ndarray) -> None:
@@ -188,13 +193,19 @@ def continue_texts(lm, tokenizer, prompts: Sequence[str], max_new_tokens: int = 
         _streaming.append(handle)
     try:
         out = generate(lm, rows, max_new_tokens, temperature, top_k, nnx.Rngs(sample=seed), bos_id=tokenizer.bos_id,
-                       eos_id=tokenizer.eos_id, top_p=top_p, on_token=_stream_tokens if on_text is not None else None)
+                       eos_id=tokenizer.eos_id, top_p=top_p, on_token=_stream_tokens if streaming else None,
+                       beam_size=beam_size, alpha=alpha)
         out = np.asarray(out)
-        if on_text is not None:
+        if streaming:
             # The loop's callbacks run asynchronously to this thread: the handler stays installed
             # until the last of them has run.
             jax.effects_barrier()
     finally:
-        if on_text is not None:
+        if streaming:
             _streaming.pop()
-    return [tokenizer.decode(list(row)) for row in out]
+    texts = [tokenizer.decode(list(row)) for row in out]
+    if on_text is not None and not streaming:  # what streaming would have handed over, at once
+        prompt_ids = encoded[0][1:]
+        new_ids = [int(t) for t in out[0] if int(t) not in (tokenizer.eos_id, tokenizer.pad_id)]
+        on_text(tokenizer.decode(prompt_ids + new_ids)[len(tokenizer.decode(prompt_ids)):])
+    return texts

@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from transformer.config import TransformerConfig
 from transformer.nn.embeddings import InputEmbedding, PreSoftmaxProjection, TokenEmbedding
@@ -270,18 +270,28 @@ class TransformerLM(_TokenLogitsModel):
         return self.decoder.init_cache(batch, max_len, None, self.config.compute_dtype)
 
     def decode_step(
-        self, tokens: Int[Array, "b t"], cache: list[LayerCache], index: jax.Array | int, key_valid=None,
-        positions: Int[Array, "b t"] | None = None,
-    ) -> tuple[Float[Array, "b t v"], list[LayerCache]]:
+        self, tokens: Int[Array, "bk t"], cache: list[LayerCache], index: jax.Array | int,
+        key_valid: Bool[Array, "b slots"] | None = None, positions: Int[Array, "bk t"] | None = None,
+        ancestors: Int[Array, "b k slots"] | None = None,
+    ) -> tuple[Float[Array, "bk t v"], list[LayerCache]]:
         """Logits for t new tokens written at cache slots index … index+t-1 (t > 1 prefills a prompt in
-        one pass). `key_valid` [b, max_len] (optional) hides cache slots that hold padding, and
-        `positions` (default: the slots) gives the positional-encoding positions, for left-padded prompts."""
-        max_len = cache_slots(cache)
+        one pass). `key_valid` [b, slots] (optional) hides cache slots that hold padding, and
+        `positions` (default: the slots) gives the positional-encoding positions, for left-padded
+        prompts. The tokens may have k rows per cache row (beam search's hypotheses, those of one
+        row adjacent, t = 1), each reading slot j as beam `ancestors[b, r, j]` wrote it
+        (`Transformer.decode_step`)."""
+        beams = tokens.shape[0] // cache[0]["k"].shape[0]
+        max_len = cache_slots(cache, beams)
         if positions is None:
             positions = jnp.broadcast_to(index + jnp.arange(tokens.shape[1]), tokens.shape)
-        mask = causal_mask(tokens.shape[1], max_len, offset=index)
-        if key_valid is not None:
-            mask = mask & key_valid[:, None, None, :]
+        if beams == 1:
+            mask = causal_mask(tokens.shape[1], max_len, offset=index)
+        else:
+            if ancestors is None:
+                ancestors = jnp.broadcast_to(jnp.arange(beams)[None, :, None], (cache[0]["k"].shape[0], beams, max_len))
+            mask = ancestry_causal_mask(ancestors, index)
+        if key_valid is not None:  # slot j's beams are keys j · beams … j · beams + beams - 1
+            mask = mask & jnp.repeat(key_valid, beams, axis=1)[:, None, None, :]
         x = self.embed(tokens, positions)
         x, cache = self.decoder(x, None, mask, None, cache=cache, cache_index=index)
         return self.logits(x), cache
