@@ -72,41 +72,28 @@ def _translation_step(model, use_cache: bool):
     return cached if use_cache else uncached
 
 
-def _translation_rules(model, src, max_extra: int, bos_id: int, eos_id: int, use_cache: bool, cache_block,
-                       compact_rows) -> tuple[SearchRules, jax.Array]:
-    """§6.1: a source's output has at most its length + max_extra tokens, the last the end token."""
-    pad_id = model.config.pad_id
-    rules = SearchRules(max_new=src.shape[1] + max_extra, offset=1, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
-                        end_at_limit=True, cache_block=cache_block if use_cache else None, compact_rows=compact_rows)
-    return rules, (src != pad_id).sum(axis=1) + max_extra
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_extra", "use_cache", "bos_id", "eos_id", "cache_block",
-                                             "compact_rows", "beam_size", "alpha"))
-def _translate_jit(graphdef, params, src, max_extra: int, use_cache: bool, bos_id: int, eos_id: int, cache_block,
-                   compact_rows, beam_size: int | None, alpha: float):
+@functools.partial(jax.jit, static_argnames=("graphdef", "rules", "use_cache", "beam_size", "alpha"))
+def _translate_jit(graphdef, params, src, rules: SearchRules, use_cache: bool, beam_size: int | None, alpha: float):
     # beam_size None: greedy (`search.sample`); an integer: beam search of that width.
     model = nnx.merge(graphdef, params)
-    rules, limits = _translation_rules(model, src, max_extra, bos_id, eos_id, use_cache, cache_block, compact_rows)
-    start, step = _translation_start(model, src, bos_id, use_cache), _translation_step(model, use_cache)
+    # §6.1: a source's output has at most its length + max_extra tokens, the last the end token.
+    limits = (src != rules.pad_id).sum(axis=1) + (rules.max_new - src.shape[1])
+    start, step = _translation_start(model, src, rules.bos_id, use_cache), _translation_step(model, use_cache)
     if beam_size is None:
         return sample(start, step, limits, rules)
     return beam(start, step, limits, rules, beam_size, alpha)
 
 
-def _check_rules(cache_block, compact_rows) -> None:
-    # A one-line error before tracing, with the same words as SearchRules'.
-    SearchRules(max_new=1, offset=1, bos_id=0, eos_id=0, pad_id=0, end_at_limit=True, cache_block=cache_block,
-                compact_rows=compact_rows)
-
-
 def _run_translation(model, src, max_extra, use_cache, bos_id, eos_id, cache_block, compact_rows, beam_size, alpha):
     src = jnp.asarray(src, jnp.int32)
     check_decode_length(model.config, src.shape[-1], max_extra)
-    _check_rules(cache_block, compact_rows)
+    rules = SearchRules(max_new=src.shape[1] + max_extra, offset=1, bos_id=int(bos_id), eos_id=int(eos_id),
+                        pad_id=model.config.pad_id, end_at_limit=True,
+                        cache_block=cache_block if use_cache else None, compact_rows=compact_rows)
+    if not use_cache:  # the option is checked all the same
+        SearchRules.check_options(cache_block, compact_rows)
     graphdef, params = nnx.split(model)
-    return _translate_jit(graphdef, params, src, max_extra, use_cache, int(bos_id), int(eos_id), cache_block,
-                          compact_rows, beam_size, float(alpha))
+    return _translate_jit(graphdef, params, src, rules, use_cache, beam_size, float(alpha))
 
 
 def greedy_decode(
@@ -275,7 +262,7 @@ def generate(
     check_decode_length(lm.config, prompt.shape[-1], max_new_tokens, "prompt length", "max_new_tokens")
     if not isinstance(prompt, jax.core.Tracer) and not (prompt != lm.config.pad_id).any(axis=-1).all():
         raise ValueError(f"every prompt row needs at least one real token (not pad_id={lm.config.pad_id})")
-    _check_rules(cache_block, compact_rows)
+    SearchRules.check_options(cache_block, compact_rows)
     if max_new_tokens == 0:
         return jnp.zeros((prompt.shape[0], 0), jnp.int32)
     rules = SearchRules(max_new=max_new_tokens, offset=prompt.shape[1], bos_id=int(bos_id), eos_id=int(eos_id),

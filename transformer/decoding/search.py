@@ -98,8 +98,13 @@ class SearchRules:
         if self.max_new < 1 or self.offset < 1:
             raise ValueError(f"a search makes at least one token after at least one slot, got max_new="
                              f"{self.max_new}, offset={self.offset}")
-        _check_positive("cache_block", self.cache_block, "one block")
-        _check_positive("compact_rows", self.compact_rows, "never compact")
+        self.check_options(self.cache_block, self.compact_rows)
+
+    @staticmethod
+    def check_options(cache_block, compact_rows) -> None:
+        """ValueError, in one line, unless both options are positive integers or None."""
+        _check_positive("cache_block", cache_block, "one block")
+        _check_positive("compact_rows", compact_rows, "never compact")
 
     @property
     def slots(self) -> int:

@@ -66,6 +66,24 @@ def _self_attention_inputs(
     return mask, (_default_positions(tokens, pad_id, right_padded) if positions is None else positions)
 
 
+def _cached_self_mask(tokens: Int[Array, "bk t"], cache: list[LayerCache], index: jax.Array | int,
+                      ancestors: Int[Array, "b k slots"] | None) -> tuple[Bool[Array, "b 1 q keys"], int]:
+    """The self-attention mask of t new tokens at cache slots index … index+t-1, and the number of
+    beams k (the tokens' rows per cache row): causal over the slots for k = 1; for k > 1 (t = 1),
+    each beam reads slot j as beam ancestors[b, r, j] wrote it (default: its own;
+    `masks.ancestry_causal_mask`). Dense masks: a cached step's causality is offset by `index`,
+    which is_causal cannot say (attention_impl="auto" sends dense masks to XLA; one query per row
+    is memory-bound anyway)."""
+    sources = cache[0]["k"].shape[0]
+    beams = tokens.shape[0] // sources
+    slots = cache_slots(cache, beams)
+    if beams == 1:
+        return causal_mask(tokens.shape[1], slots, offset=index), beams
+    if ancestors is None:
+        ancestors = jnp.broadcast_to(jnp.arange(beams)[None, :, None], (sources, beams, slots))
+    return ancestry_causal_mask(ancestors, index), beams
+
+
 class Transformer(nnx.Module):
     """§3: the encoder-decoder Transformer.
 
@@ -184,17 +202,8 @@ class Transformer(nnx.Module):
         that beam search need not copy keys/values from parents to children. Source pads
         are hidden wherever they are (as per-row lengths where `right_padded` promises right
         padding)."""
-        beams = tgt_tokens.shape[0] // src_tokens.shape[0]
-        max_len = cache_slots(cache, beams)
         positions = jnp.broadcast_to(index + jnp.arange(tgt_tokens.shape[1]), tgt_tokens.shape)
-        # Dense masks: a cached step's causality is offset by `index`, which is_causal cannot say
-        # (attention_impl="auto" sends dense masks to XLA; one query per row is memory-bound anyway).
-        if beams == 1:
-            self_mask = causal_mask(tgt_tokens.shape[1], max_len, offset=index)
-        else:
-            if ancestors is None:
-                ancestors = jnp.broadcast_to(jnp.arange(beams)[None, :, None], (src_tokens.shape[0], beams, max_len))
-            self_mask = ancestry_causal_mask(ancestors, index)
+        self_mask, _ = _cached_self_mask(tgt_tokens, cache, index, ancestors)
         # Per source: [b] lengths or a [b, 1, 1, s] key mask.
         cross_mask = cross_attention_mask(src_tokens, self.config.pad_id, right_padded=right_padded)
         y = self.tgt_embed(tgt_tokens, positions)
@@ -280,16 +289,9 @@ class TransformerLM(_TokenLogitsModel):
         prompts. The tokens may have k rows per cache row (beam search's hypotheses, those of one
         row adjacent, t = 1), each reading slot j as beam `ancestors[b, r, j]` wrote it
         (`Transformer.decode_step`)."""
-        beams = tokens.shape[0] // cache[0]["k"].shape[0]
-        max_len = cache_slots(cache, beams)
         if positions is None:
             positions = jnp.broadcast_to(index + jnp.arange(tokens.shape[1]), tokens.shape)
-        if beams == 1:
-            mask = causal_mask(tokens.shape[1], max_len, offset=index)
-        else:
-            if ancestors is None:
-                ancestors = jnp.broadcast_to(jnp.arange(beams)[None, :, None], (cache[0]["k"].shape[0], beams, max_len))
-            mask = ancestry_causal_mask(ancestors, index)
+        mask, beams = _cached_self_mask(tokens, cache, index, ancestors)
         if key_valid is not None:  # slot j's beams are keys j · beams … j · beams + beams - 1
             mask = mask & jnp.repeat(key_valid, beams, axis=1)[:, None, None, :]
         x = self.embed(tokens, positions)

@@ -234,6 +234,8 @@ def average_params(trees: list) -> Any:
     obtained by averaging the last 5 checkpoints", 20 for big), summed in float64."""
     if not trees:
         raise ValueError("no checkpoints to average")
+    if len(trees) == 1:  # the mean of one: no float64 copy
+        return trees[0]
     return jax.tree.map(lambda *xs: np.mean(np.stack([np.asarray(x, np.float64) for x in xs]), axis=0).astype(xs[0].dtype),
                         *trees)
 

@@ -229,9 +229,11 @@ def load_run_model(workdir: str, average_last: int = 1, step: int | None = None,
     tokenizer = load_tokenizer(workdir)
     if tokenizer is None:
         raise UserError(f"no tokenizer in {workdir}: --workdir must be the folder of a train.py run")
-    graphdef, like = run_state_like(model_config, train_config, run_task)
+    # The model's structure alone (no arrays, no optimizer state): what the saved parameters fill.
+    abstract = nnx.eval_shape(lambda: run_task.model_cls()(model_config, rngs=nnx.Rngs(params=train_config.seed)))
+    graphdef, like_params = nnx.split(abstract, nnx.Param)
     try:
-        params, used = load_model_params(workdir, like.params, average_last, step)
+        params, used = load_model_params(workdir, like_params, average_last, step)
     except FileNotFoundError as err:
         raise UserError(str(err)) from None
     return nnx.merge(graphdef, params), tokenizer, used
